@@ -1,0 +1,231 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Mode is how a program is attached to a device.
+type Mode string
+
+// Attach modes.
+const (
+	// ModeAuto uses TCX where the kernel has it (6.6+) and clsact + cls_bpf elsewhere.
+	ModeAuto Mode = "auto"
+	// ModeTCX attaches through a pinned TCX link.
+	ModeTCX Mode = "tcx"
+	// ModeTC attaches a cls_bpf filter to the device's clsact qdisc.
+	ModeTC Mode = "tc"
+)
+
+const (
+	linksDir = "links"
+	// Our cls_bpf filter's handle and priority on clsact ingress. Fixed, so that replacing and
+	// deleting find exactly our filter and leave others' alone.
+	tcHandle   = 0x1
+	tcPriority = 0x1
+)
+
+func (m Mode) validate() error {
+	switch m {
+	case ModeAuto, ModeTCX, ModeTC:
+		return nil
+	}
+	return fmt.Errorf("attach mode %q: want auto, tcx or tc", m)
+}
+
+// Program names one of the datapath's programs.
+type Program string
+
+// The datapath's programs.
+const (
+	FromContainer Program = DatapathProgFromContainer
+	FromVNet      Program = DatapathProgFromVnet
+)
+
+func (d *Datapath) program(p Program) (*ebpf.Program, error) {
+	switch p {
+	case FromContainer:
+		return d.Objects.FromContainer, nil
+	case FromVNet:
+		return d.Objects.FromVnet, nil
+	}
+	return nil, fmt.Errorf("unknown program %q", p)
+}
+
+// Mode is the attach mode in use. ModeAuto becomes ModeTCX or ModeTC at the first Attach,
+// which tries TCX and falls back when the kernel says it is not supported.
+func (d *Datapath) Mode() Mode {
+	d.modeMu.Lock()
+	defer d.modeMu.Unlock()
+	return d.mode
+}
+
+// Attach attaches p to the ingress of device ifname in the caller's network namespace. If a
+// program of ours is already attached there it is replaced atomically, so no packet meets a
+// device without one.
+func (d *Datapath) Attach(ifname string, p Program) error {
+	prog, err := d.program(p)
+	if err != nil {
+		return err
+	}
+	dev, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("attach %s to %s: %w", p, ifname, err)
+	}
+	ifindex := dev.Attrs().Index
+	switch mode := d.Mode(); mode {
+	case ModeTC:
+		err = attachTC(ifindex, prog, string(p))
+	case ModeTCX:
+		err = d.attachTCX(ifname, ifindex, prog)
+	default:
+		err = d.attachTCX(ifname, ifindex, prog)
+		if errors.Is(err, ebpf.ErrNotSupported) {
+			d.setMode(ModeTC)
+			err = attachTC(ifindex, prog, string(p))
+		} else if err == nil {
+			d.setMode(ModeTCX)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("attach %s to %s: %w", p, ifname, err)
+	}
+	return nil
+}
+
+func (d *Datapath) linkPin(ifname string) string {
+	return filepath.Join(d.root, linksDir, ifname)
+}
+
+func (d *Datapath) attachTCX(ifname string, ifindex int, prog *ebpf.Program) error {
+	pin := d.linkPin(ifname)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		defer l.Close()
+		info, err := l.Info()
+		if err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex {
+			if err := l.Update(prog); err != nil {
+				return fmt.Errorf("replace program on pinned link %s: %w", pin, err)
+			}
+			return nil
+		}
+		// The pin outlived its device (a veth recreated under the same name): start over.
+		if err := l.Unpin(); err != nil {
+			return fmt.Errorf("remove stale link pin %s: %w", pin, err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("open pinned link %s: %w", pin, err)
+	}
+
+	l, err := link.AttachTCX(link.TCXOptions{
+		Interface: ifindex,
+		Program:   prog,
+		Attach:    ebpf.AttachTCXIngress,
+	})
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pin link %s: %w", pin, err)
+	}
+	return nil
+}
+
+func attachTC(ifindex int, prog *ebpf.Program, name string) error {
+	qdisc := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{
+			LinkIndex: ifindex,
+			Handle:    netlink.MakeHandle(0xffff, 0),
+			Parent:    netlink.HANDLE_CLSACT,
+		},
+		QdiscType: "clsact",
+	}
+	if err := netlink.QdiscReplace(qdisc); err != nil {
+		return fmt.Errorf("add clsact qdisc: %w", err)
+	}
+	filter := &netlink.BpfFilter{
+		FilterAttrs:  tcFilterAttrs(ifindex),
+		Fd:           prog.FD(),
+		Name:         name,
+		DirectAction: true,
+	}
+	// NLM_F_REPLACE on the same handle and priority swaps the program in one step.
+	if err := netlink.FilterReplace(filter); err != nil {
+		return fmt.Errorf("replace cls_bpf filter: %w", err)
+	}
+	return nil
+}
+
+func tcFilterAttrs(ifindex int) netlink.FilterAttrs {
+	return netlink.FilterAttrs{
+		LinkIndex: ifindex,
+		Parent:    netlink.HANDLE_MIN_INGRESS,
+		Handle:    tcHandle,
+		Priority:  tcPriority,
+		Protocol:  unix.ETH_P_ALL,
+	}
+}
+
+// Detach removes our program from device ifname, whichever way it was attached. A device or
+// attachment that is already gone is not an error.
+func (d *Datapath) Detach(ifname string) error {
+	return Detach(d.root, ifname)
+}
+
+// Detach removes the program pinned under root for ifname and our cls_bpf filter on it.
+func Detach(root, ifname string) error {
+	pin := filepath.Join(root, linksDir, ifname)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		// Unpinning drops the last reference once our handle closes: the program detaches.
+		uerr := l.Unpin()
+		l.Close()
+		if uerr != nil {
+			return fmt.Errorf("detach %s: %w", ifname, uerr)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		// A pin we cannot open as a link is junk in our directory: remove it.
+		if rerr := os.Remove(pin); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			return fmt.Errorf("detach %s: %w", ifname, err)
+		}
+	}
+	dev, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return nil // the device is gone, and with it any filter
+	}
+	filter := &netlink.BpfFilter{FilterAttrs: tcFilterAttrs(dev.Attrs().Index)}
+	if err := netlink.FilterDel(filter); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("detach %s: delete cls_bpf filter: %w", ifname, err)
+	}
+	return nil
+}
+
+// LinkPins lists the device names that have a pinned TCX link under root, for reconciling
+// them against the devices that still exist.
+func LinkPins(root string) ([]string, error) {
+	ents, err := os.ReadDir(filepath.Join(root, linksDir))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(ents))
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names, nil
+}
+
+func (d *Datapath) setMode(m Mode) {
+	d.modeMu.Lock()
+	defer d.modeMu.Unlock()
+	d.mode = m
+}

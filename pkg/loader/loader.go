@@ -1,0 +1,132 @@
+// Package loader loads the vnetbpf datapath (bpf/datapath.c), pins its maps under a bpffs
+// root, and attaches its programs to network devices with TCX, falling back to clsact and
+// cls_bpf on kernels without TCX.
+//
+// Layout under the root (default /sys/fs/bpf/vnetbpf):
+//
+//	<root>/<map>            every map, pinned by name (endpoints, vnet_cidrs, config, ...)
+//	<root>/links/<ifname>   the TCX link of each device a program is attached to
+//
+// Pinned maps and links outlive the process, so the datapath keeps forwarding while the agent
+// restarts; a new Load reuses the pinned maps with their contents.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+)
+
+// DefaultRoot is the bpffs directory the agent pins under unless configured otherwise.
+const DefaultRoot = "/sys/fs/bpf/vnetbpf"
+
+// Options configure Load.
+type Options struct {
+	// Root is the bpffs directory for pins; it is created if missing.
+	Root string
+	// Mode chooses how programs are attached; the zero value is ModeAuto.
+	Mode Mode
+}
+
+// Datapath is the loaded programs and maps.
+type Datapath struct {
+	root    string
+	mode    Mode
+	Objects DatapathObjects
+
+	modeMu sync.Mutex
+}
+
+// Load loads the datapath, pinning its maps under opts.Root or reusing the maps already
+// pinned there (their entries are kept). A pinned map whose definition changed is an error
+// that names it, since silently replacing it would drop every endpoint.
+func Load(opts Options) (*Datapath, error) {
+	if opts.Root == "" {
+		opts.Root = DefaultRoot
+	}
+	if opts.Mode == "" {
+		opts.Mode = ModeAuto
+	}
+	if err := opts.Mode.validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(opts.Root, linksDir), 0o700); err != nil {
+		return nil, fmt.Errorf("create pin directory: %w (is bpffs mounted at %s?)", err, filepath.Dir(opts.Root))
+	}
+	d := &Datapath{root: opts.Root, mode: opts.Mode}
+	err := LoadDatapathObjects(&d.Objects, &ebpf.CollectionOptions{
+		Maps: ebpf.MapOptions{PinPath: opts.Root},
+	})
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		return nil, fmt.Errorf("load datapath: a map pinned under %s is from an incompatible version; run 'vnetbpf-agent uninstall' to remove the old datapath: %w", opts.Root, err)
+	}
+	var verr *ebpf.VerifierError
+	if errors.As(err, &verr) {
+		return nil, fmt.Errorf("load datapath: %+v", verr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	return d, nil
+}
+
+// Root is the bpffs directory the datapath is pinned under.
+func (d *Datapath) Root() string { return d.root }
+
+// Close releases this process's handles. Pinned maps and links, and so the forwarding, stay.
+func (d *Datapath) Close() error {
+	return d.Objects.Close()
+}
+
+// Unpin removes every pin under root: maps and links. Programs attached through a pinned
+// TCX link are detached; clsact filters are not (Detach removes those per device).
+func Unpin(root string) error {
+	if err := os.RemoveAll(root); err != nil {
+		return fmt.Errorf("remove pins under %s: %w", root, err)
+	}
+	return nil
+}
+
+var reasonNames = sync.OnceValues(func() (map[uint32]string, error) {
+	spec, err := LoadDatapath()
+	if err != nil {
+		return nil, err
+	}
+	var enum *btf.Enum
+	if err := spec.Types.TypeByName("stat_reason", &enum); err != nil {
+		return nil, fmt.Errorf("find enum stat_reason: %w", err)
+	}
+	names := make(map[uint32]string, len(enum.Values))
+	for _, v := range enum.Values {
+		if v.Value < uint64(DatapathStatReasonSTAT_REASON_MAX) {
+			names[uint32(v.Value)] = v.Name
+		}
+	}
+	return names, nil
+})
+
+// ReasonName is the C name of a stats reason (FWD_LOCAL, DROP_SPOOFED_IP, ...), read from the
+// object's BTF so that Go and C cannot disagree.
+func ReasonName(r DatapathStatReason) string {
+	names, err := reasonNames()
+	if err == nil {
+		if n, ok := names[uint32(r)]; ok {
+			return n
+		}
+	}
+	return fmt.Sprintf("REASON_%d", uint32(r))
+}
+
+// Reasons lists every stats reason in order.
+func Reasons() []DatapathStatReason {
+	rs := make([]DatapathStatReason, 0, DatapathStatReasonSTAT_REASON_MAX)
+	for r := DatapathStatReason(0); r < DatapathStatReasonSTAT_REASON_MAX; r++ {
+		rs = append(rs, r)
+	}
+	return rs
+}

@@ -1,0 +1,261 @@
+// Package maps gives typed access to the datapath's pinned maps, in the types bpf2go
+// generated from bpf/datapath.h (pkg/loader), so Go and C share one definition.
+package maps
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/vnetbpf/vnetbpf/pkg/loader"
+)
+
+// The generated types under the names this package's callers use.
+type (
+	// Endpoint is a value of the endpoints map.
+	Endpoint = loader.DatapathEndpoint
+	// NodeConfig is the single value of the config map.
+	NodeConfig = loader.DatapathNodeConfig
+	// Stat is a packet and byte count.
+	Stat = loader.DatapathStat
+	// EndpointStat is one endpoint's packet and byte counts.
+	EndpointStat = loader.DatapathEndpointStat
+	// Reason is why a packet got its verdict: the key of the stats map.
+	Reason = loader.DatapathStatReason
+	// DropEvent is one dropped packet from the events ring buffer.
+	DropEvent = loader.DatapathDropEvent
+)
+
+// Maps holds the datapath's maps.
+type Maps struct {
+	Endpoints     *ebpf.Map
+	VNetCIDRs     *ebpf.Map
+	Config        *ebpf.Map
+	Stats         *ebpf.Map
+	EndpointStats *ebpf.Map
+	Events        *ebpf.Map
+	owned         bool
+}
+
+// FromObjects wraps the maps of a loaded datapath; Close leaves them to the datapath.
+func FromObjects(o *loader.DatapathObjects) *Maps {
+	return &Maps{
+		Endpoints:     o.Endpoints,
+		VNetCIDRs:     o.VnetCidrs,
+		Config:        o.Config,
+		Stats:         o.Stats,
+		EndpointStats: o.EndpointStats,
+		Events:        o.Events,
+	}
+}
+
+// Open opens the maps pinned under root, as a debugging tool or a test does without
+// loading the programs.
+func Open(root string) (*Maps, error) {
+	m := &Maps{owned: true}
+	for name, dst := range map[string]**ebpf.Map{
+		loader.DatapathMapEndpoints:     &m.Endpoints,
+		loader.DatapathMapVnetCidrs:     &m.VNetCIDRs,
+		loader.DatapathMapConfig:        &m.Config,
+		loader.DatapathMapStats:         &m.Stats,
+		loader.DatapathMapEndpointStats: &m.EndpointStats,
+		loader.DatapathMapEvents:        &m.Events,
+	} {
+		mp, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
+		if err != nil {
+			m.Close()
+			return nil, fmt.Errorf("open pinned map %s (is vnetbpf-agent running with bpfRoot %s?): %w", name, root, err)
+		}
+		*dst = mp
+	}
+	return m, nil
+}
+
+// Close closes the maps if Open opened them.
+func (m *Maps) Close() error {
+	if !m.owned {
+		return nil
+	}
+	var errs []error
+	for _, mp := range []*ebpf.Map{m.Endpoints, m.VNetCIDRs, m.Config, m.Stats, m.EndpointStats, m.Events} {
+		if mp != nil {
+			errs = append(errs, mp.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func endpointKey(ip netip.Addr) (loader.DatapathEndpointKey, error) {
+	if !ip.Is4() {
+		return loader.DatapathEndpointKey{}, fmt.Errorf("endpoint address %s is not IPv4", ip)
+	}
+	return loader.DatapathEndpointKey{Ip: ip.As4()}, nil
+}
+
+// MAC converts a hardware address to the datapath's 6-byte form.
+func MAC(hw net.HardwareAddr) ([6]byte, error) {
+	var mac [6]byte
+	if len(hw) != 6 {
+		return mac, fmt.Errorf("MAC %q is not a 6-byte Ethernet address", hw)
+	}
+	copy(mac[:], hw)
+	return mac, nil
+}
+
+// PutEndpoint adds or replaces the endpoint for ip.
+func (m *Maps) PutEndpoint(ip netip.Addr, ep Endpoint) error {
+	k, err := endpointKey(ip)
+	if err != nil {
+		return err
+	}
+	if ep.Ifindex == 0 || ep.Id == 0 {
+		return fmt.Errorf("endpoint %s: ifindex and id must be set", ip)
+	}
+	if err := m.Endpoints.Put(k, ep); err != nil {
+		return fmt.Errorf("put endpoint %s: %w", ip, err)
+	}
+	return nil
+}
+
+// Endpoint returns the endpoint for ip; ebpf.ErrKeyNotExist if there is none.
+func (m *Maps) Endpoint(ip netip.Addr) (Endpoint, error) {
+	var ep Endpoint
+	k, err := endpointKey(ip)
+	if err != nil {
+		return ep, err
+	}
+	if err := m.Endpoints.Lookup(k, &ep); err != nil {
+		return ep, fmt.Errorf("lookup endpoint %s: %w", ip, err)
+	}
+	return ep, nil
+}
+
+// DeleteEndpoint removes the endpoint for ip; a missing one is not an error.
+func (m *Maps) DeleteEndpoint(ip netip.Addr) error {
+	k, err := endpointKey(ip)
+	if err != nil {
+		return err
+	}
+	if err := m.Endpoints.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete endpoint %s: %w", ip, err)
+	}
+	return nil
+}
+
+// ListEndpoints returns every endpoint by address.
+func (m *Maps) ListEndpoints() (map[netip.Addr]Endpoint, error) {
+	out := make(map[netip.Addr]Endpoint)
+	var k loader.DatapathEndpointKey
+	var ep Endpoint
+	it := m.Endpoints.Iterate()
+	for it.Next(&k, &ep) {
+		out[netip.AddrFrom4(k.Ip)] = ep
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
+
+// SetConfig writes the node's config; the programs see it on their next packet.
+func (m *Maps) SetConfig(c NodeConfig) error {
+	if err := m.Config.Put(uint32(0), c); err != nil {
+		return fmt.Errorf("set config: %w", err)
+	}
+	return nil
+}
+
+// NodeConfig reads the node's config.
+func (m *Maps) NodeConfig() (NodeConfig, error) {
+	var c NodeConfig
+	if err := m.Config.Lookup(uint32(0), &c); err != nil {
+		return c, fmt.Errorf("read config: %w", err)
+	}
+	return c, nil
+}
+
+func vnetKey(p netip.Prefix) (loader.DatapathVnetKey, error) {
+	if !p.Addr().Is4() {
+		return loader.DatapathVnetKey{}, fmt.Errorf("VNet prefix %s is not IPv4", p)
+	}
+	p = p.Masked()
+	return loader.DatapathVnetKey{Prefixlen: uint32(p.Bits()), Ip: p.Addr().As4()}, nil
+}
+
+// AddVNetCIDR marks p as reachable directly through the NIC.
+func (m *Maps) AddVNetCIDR(p netip.Prefix) error {
+	k, err := vnetKey(p)
+	if err != nil {
+		return err
+	}
+	if err := m.VNetCIDRs.Put(k, loader.DatapathVnetCidr{}); err != nil {
+		return fmt.Errorf("add VNet prefix %s: %w", p, err)
+	}
+	return nil
+}
+
+// DeleteVNetCIDR removes p; a missing prefix is not an error.
+func (m *Maps) DeleteVNetCIDR(p netip.Prefix) error {
+	k, err := vnetKey(p)
+	if err != nil {
+		return err
+	}
+	if err := m.VNetCIDRs.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete VNet prefix %s: %w", p, err)
+	}
+	return nil
+}
+
+// ListVNetCIDRs lists the prefixes in the map.
+func (m *Maps) ListVNetCIDRs() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	var k loader.DatapathVnetKey
+	var v loader.DatapathVnetCidr
+	it := m.VNetCIDRs.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, netip.PrefixFrom(netip.AddrFrom4(k.Ip), int(k.Prefixlen)))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list VNet prefixes: %w", err)
+	}
+	return out, nil
+}
+
+// ReadStats sums the per-CPU counters of every reason.
+func (m *Maps) ReadStats() (map[Reason]Stat, error) {
+	out := make(map[Reason]Stat, len(loader.Reasons()))
+	for _, r := range loader.Reasons() {
+		var perCPU []Stat
+		if err := m.Stats.Lookup(uint32(r), &perCPU); err != nil {
+			return nil, fmt.Errorf("read stats %s: %w", loader.ReasonName(r), err)
+		}
+		var sum Stat
+		for _, s := range perCPU {
+			sum.Packets += s.Packets
+			sum.Bytes += s.Bytes
+		}
+		out[r] = sum
+	}
+	return out, nil
+}
+
+// ReadEndpointStat returns the counts of the endpoint with the given id.
+func (m *Maps) ReadEndpointStat(id uint32) (EndpointStat, error) {
+	var s EndpointStat
+	if err := m.EndpointStats.Lookup(id, &s); err != nil {
+		return s, fmt.Errorf("read endpoint stats %d: %w", id, err)
+	}
+	return s, nil
+}
+
+// ResetEndpointStat zeroes the counts of id, for an id handed to a new endpoint.
+func (m *Maps) ResetEndpointStat(id uint32) error {
+	if err := m.EndpointStats.Put(id, EndpointStat{}); err != nil {
+		return fmt.Errorf("reset endpoint stats %d: %w", id, err)
+	}
+	return nil
+}
