@@ -80,6 +80,7 @@ struct {
 /* Referenced so that bpf2go can generate Go types for them. */
 const struct drop_event *unused_drop_event __attribute__((unused));
 const enum stat_reason *unused_stat_reason __attribute__((unused));
+const enum vnet_cidr_flags *unused_vnet_cidr_flags __attribute__((unused));
 
 /* ARP for IPv4 over Ethernet, the only kind the programs accept. */
 struct arp_eth {
@@ -331,6 +332,7 @@ int from_container(struct __sk_buff *skb)
 	struct endpoint_key key;
 	struct endpoint *self, *dst;
 	struct vnet_key vkey;
+	struct vnet_cidr *cidr;
 	__u32 zero = 0;
 	struct node_config *cfg;
 
@@ -369,7 +371,8 @@ int from_container(struct __sk_buff *skb)
 		return pass(skb, PASS_TO_STACK);
 	vkey.prefixlen = 32;
 	__builtin_memcpy(vkey.ip, &p.ip->daddr, 4);
-	if (!bpf_map_lookup_elem(&vnet_cidrs, &vkey))
+	cidr = bpf_map_lookup_elem(&vnet_cidrs, &vkey);
+	if (!cidr || cidr->flags & VNET_CIDR_F_HOST)
 		return pass(skb, PASS_TO_STACK);
 	if (p.ip->ttl <= 1)
 		return drop(skb, &p, DROP_TTL_EXCEEDED);

@@ -30,9 +30,16 @@ struct vnet_key {
 	__u8 ip[4];
 };
 
-/* Value of the vnet_cidrs LPM trie. */
+/* Bits of vnet_cidr.flags. */
+enum vnet_cidr_flags {
+	VNET_CIDR_F_HOST = 0x1, /* the node's own address: deliver to the host stack */
+};
+
+/* Value of the vnet_cidrs LPM trie. The node's own addresses are /32 entries with
+ * VNET_CIDR_F_HOST, so that the longest match keeps them off the NIC even where the FIB
+ * cannot be asked (forwarding disabled). */
 struct vnet_cidr {
-	__u32 flags; /* reserved, 0 */
+	__u32 flags;
 };
 
 /* The node's single config entry; the agent may rewrite it at any time. */

@@ -90,6 +90,12 @@ type DatapathVnetCidr struct {
 	Flags uint32
 }
 
+type DatapathVnetCidrFlags uint32
+
+const (
+	DatapathVnetCidrFlagsVNET_CIDR_F_HOST DatapathVnetCidrFlags = 1
+)
+
 type DatapathVnetKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -100,16 +106,17 @@ type DatapathVnetKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	DatapathMapConfig           = "config"
-	DatapathMapEndpointStats    = "endpoint_stats"
-	DatapathMapEndpoints        = "endpoints"
-	DatapathMapEvents           = "events"
-	DatapathMapStats            = "stats"
-	DatapathMapVnetCidrs        = "vnet_cidrs"
-	DatapathProgFromContainer   = "from_container"
-	DatapathProgFromVnet        = "from_vnet"
-	DatapathVarUnusedDropEvent  = "unused_drop_event"
-	DatapathVarUnusedStatReason = "unused_stat_reason"
+	DatapathMapConfig              = "config"
+	DatapathMapEndpointStats       = "endpoint_stats"
+	DatapathMapEndpoints           = "endpoints"
+	DatapathMapEvents              = "events"
+	DatapathMapStats               = "stats"
+	DatapathMapVnetCidrs           = "vnet_cidrs"
+	DatapathProgFromContainer      = "from_container"
+	DatapathProgFromVnet           = "from_vnet"
+	DatapathVarUnusedDropEvent     = "unused_drop_event"
+	DatapathVarUnusedStatReason    = "unused_stat_reason"
+	DatapathVarUnusedVnetCidrFlags = "unused_vnet_cidr_flags"
 )
 
 // LoadDatapath returns the embedded CollectionSpec for Datapath.
@@ -174,8 +181,9 @@ type DatapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathVariableSpecs struct {
-	UnusedDropEvent  *ebpf.VariableSpec `ebpf:"unused_drop_event"`
-	UnusedStatReason *ebpf.VariableSpec `ebpf:"unused_stat_reason"`
+	UnusedDropEvent     *ebpf.VariableSpec `ebpf:"unused_drop_event"`
+	UnusedStatReason    *ebpf.VariableSpec `ebpf:"unused_stat_reason"`
+	UnusedVnetCidrFlags *ebpf.VariableSpec `ebpf:"unused_vnet_cidr_flags"`
 }
 
 // DatapathObjects contains all objects after they have been loaded into the kernel.
@@ -221,8 +229,9 @@ func (m *DatapathMaps) Close() error {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathVariables struct {
-	UnusedDropEvent  *ebpf.Variable `ebpf:"unused_drop_event"`
-	UnusedStatReason *ebpf.Variable `ebpf:"unused_stat_reason"`
+	UnusedDropEvent     *ebpf.Variable `ebpf:"unused_drop_event"`
+	UnusedStatReason    *ebpf.Variable `ebpf:"unused_stat_reason"`
+	UnusedVnetCidrFlags *ebpf.Variable `ebpf:"unused_vnet_cidr_flags"`
 }
 
 // DatapathPrograms contains all programs after they have been loaded into the kernel.

@@ -188,17 +188,27 @@ func vnetKey(p netip.Prefix) (loader.DatapathVnetKey, error) {
 
 // AddVNetCIDR marks p as reachable directly through the NIC.
 func (m *Maps) AddVNetCIDR(p netip.Prefix) error {
+	return m.putVNet(p, 0)
+}
+
+// AddHostAddress marks one of the node's own addresses, which lies inside a VNet prefix, as
+// the host's: containers reach it through the host stack, never the NIC.
+func (m *Maps) AddHostAddress(a netip.Addr) error {
+	return m.putVNet(netip.PrefixFrom(a, a.BitLen()), uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_HOST))
+}
+
+func (m *Maps) putVNet(p netip.Prefix, flags uint32) error {
 	k, err := vnetKey(p)
 	if err != nil {
 		return err
 	}
-	if err := m.VNetCIDRs.Put(k, loader.DatapathVnetCidr{}); err != nil {
+	if err := m.VNetCIDRs.Put(k, loader.DatapathVnetCidr{Flags: flags}); err != nil {
 		return fmt.Errorf("add VNet prefix %s: %w", p, err)
 	}
 	return nil
 }
 
-// DeleteVNetCIDR removes p; a missing prefix is not an error.
+// DeleteVNetCIDR removes p (a prefix or a host address as /32); a missing one is not an error.
 func (m *Maps) DeleteVNetCIDR(p netip.Prefix) error {
 	k, err := vnetKey(p)
 	if err != nil {
@@ -210,14 +220,23 @@ func (m *Maps) DeleteVNetCIDR(p netip.Prefix) error {
 	return nil
 }
 
-// ListVNetCIDRs lists the prefixes in the map.
-func (m *Maps) ListVNetCIDRs() ([]netip.Prefix, error) {
-	var out []netip.Prefix
+// VNetCIDR is an entry of the vnet_cidrs map.
+type VNetCIDR struct {
+	Prefix netip.Prefix
+	Host   bool // one of the node's own addresses
+}
+
+// ListVNetCIDRs lists the entries of the vnet_cidrs map.
+func (m *Maps) ListVNetCIDRs() ([]VNetCIDR, error) {
+	var out []VNetCIDR
 	var k loader.DatapathVnetKey
 	var v loader.DatapathVnetCidr
 	it := m.VNetCIDRs.Iterate()
 	for it.Next(&k, &v) {
-		out = append(out, netip.PrefixFrom(netip.AddrFrom4(k.Ip), int(k.Prefixlen)))
+		out = append(out, VNetCIDR{
+			Prefix: netip.PrefixFrom(netip.AddrFrom4(k.Ip), int(k.Prefixlen)),
+			Host:   v.Flags&uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_HOST) != 0,
+		})
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list VNet prefixes: %w", err)
