@@ -1,0 +1,269 @@
+// Package agent is vnetbpf-agent's daemon: it owns the datapath and the address pool of one
+// node, serves the CNI binary over a Unix socket, and exports metrics.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/vnetbpf/vnetbpf/pkg/api"
+	"github.com/vnetbpf/vnetbpf/pkg/ipam"
+	"github.com/vnetbpf/vnetbpf/pkg/loader"
+	"github.com/vnetbpf/vnetbpf/pkg/maps"
+)
+
+// Version is the agent's version, set at build time.
+var Version = "dev"
+
+// Agent is one node's daemon.
+type Agent struct {
+	cfg  Config
+	log  *slog.Logger
+	vnet []netip.Prefix
+
+	dp       *loader.Datapath
+	maps     *maps.Maps
+	pool     *ipam.Pool
+	provider ipam.Provider
+	store    *endpointStore
+	nic      nicInfo
+	events   *eventHub
+	metrics  *metrics
+
+	mu        sync.Mutex               // serialises endpoint changes
+	endpoints map[api.Key]api.Endpoint // guarded by mu; mirrors store
+
+	ready   atomic.Bool
+	started time.Time
+}
+
+type nicInfo struct {
+	name  string
+	index int
+	mac   net.HardwareAddr
+	mtu   int
+	addrs []netip.Addr
+}
+
+// New checks cfg and returns an agent ready to Run.
+func New(cfg Config, log *slog.Logger) (*Agent, error) {
+	vnet, err := cfg.Validate()
+	if err != nil {
+		return nil, fmt.Errorf("invalid configuration: %w", err)
+	}
+	provider, err := ipam.NewStatic(cfg.IPAM.Static.Addresses)
+	if err != nil {
+		return nil, fmt.Errorf("invalid configuration: ipam.static.addresses: %w", err)
+	}
+	return &Agent{cfg: cfg, log: log, vnet: vnet, provider: provider, endpoints: make(map[api.Key]api.Endpoint)}, nil
+}
+
+// Run sets the node up, serves until ctx ends, then stops serving. The datapath stays: maps
+// and links are pinned, so containers keep forwarding while no agent runs.
+func (a *Agent) Run(ctx context.Context) error {
+	a.started = time.Now()
+	defer a.close()
+	if err := a.setup(ctx); err != nil {
+		return err
+	}
+
+	errc := make(chan error, 2)
+	apiSrv, err := a.serveAPI(errc)
+	if err != nil {
+		return err
+	}
+	var metricsSrv *http.Server
+	if a.cfg.MetricsAddr != "" {
+		if metricsSrv, err = a.serveMetrics(errc); err != nil {
+			apiSrv.Close()
+			return err
+		}
+	}
+	a.ready.Store(true)
+	a.log.Info("agent ready", "socket", a.cfg.Socket, "metrics", a.cfg.MetricsAddr, "nic", a.nic.name,
+		"attachMode", a.dp.Mode(), "endpoints", len(a.endpoints), "startup", time.Since(a.started).Round(time.Millisecond).String())
+
+	select {
+	case <-ctx.Done():
+		a.log.Info("stopping; the datapath keeps forwarding")
+	case err = <-errc:
+	}
+	a.ready.Store(false)
+	shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	apiSrv.Shutdown(shutdown)
+	if metricsSrv != nil {
+		metricsSrv.Shutdown(shutdown)
+	}
+	return err
+}
+
+func (a *Agent) setup(ctx context.Context) error {
+	if err := os.MkdirAll(a.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	if err := ensureBPFFS(a.cfg.BPFRoot); err != nil {
+		return err
+	}
+	dp, err := loader.Load(loader.Options{Root: a.cfg.BPFRoot, Mode: a.cfg.AttachMode})
+	if err != nil {
+		return err
+	}
+	a.dp = dp
+	a.maps = maps.FromObjects(&dp.Objects)
+
+	if err := a.setupNIC(); err != nil {
+		return err
+	}
+	cooldown := a.cfg.IPAM.Cooldown.Duration
+	if cooldown == 0 {
+		cooldown = -1 // ipam reads 0 as "default"; a configured 0s means none
+	}
+	pool, err := ipam.Open(filepath.Join(a.cfg.StateDir, "state.db"), ipam.Options{Cooldown: cooldown})
+	if err != nil {
+		return err
+	}
+	a.pool = pool
+	addrs, err := a.provider.Addresses(ctx)
+	if err != nil {
+		return fmt.Errorf("ipam provider %s: %w", a.provider.Name(), err)
+	}
+	if err := pool.SetAddresses(addrs); err != nil {
+		return err
+	}
+	if a.store, err = openEndpointStore(filepath.Join(a.cfg.StateDir, "endpoints.db")); err != nil {
+		return err
+	}
+	if err := a.reconcile(); err != nil {
+		return fmt.Errorf("reconcile: %w", err)
+	}
+	a.metrics = newMetrics(a)
+	if a.events, err = newEventHub(a.maps, a.log); err != nil {
+		return err
+	}
+	return nil
+}
+
+// setupNIC points the datapath at the NIC: its config entry, the VNet prefixes and the
+// node's own addresses, and from_vnet on its ingress.
+func (a *Agent) setupNIC() error {
+	l, err := netlink.LinkByName(a.cfg.NIC)
+	if err != nil {
+		return fmt.Errorf("nic %q: %w (set 'nic' to the interface on the VNet)", a.cfg.NIC, err)
+	}
+	attrs := l.Attrs()
+	a.nic = nicInfo{name: attrs.Name, index: attrs.Index, mac: attrs.HardwareAddr, mtu: attrs.MTU}
+	addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("nic %s addresses: %w", a.cfg.NIC, err)
+	}
+	for _, ad := range addrs {
+		if ip, ok := netip.AddrFromSlice(ad.IP.To4()); ok {
+			a.nic.addrs = append(a.nic.addrs, ip)
+		}
+	}
+	mac, err := maps.MAC(attrs.HardwareAddr)
+	if err != nil {
+		return fmt.Errorf("nic %s: %w", a.cfg.NIC, err)
+	}
+	if err := a.maps.SetConfig(maps.NodeConfig{NicIfindex: uint32(attrs.Index), NicMac: mac}); err != nil {
+		return err
+	}
+	if err := a.syncVNetCIDRs(); err != nil {
+		return err
+	}
+	if err := a.dp.Attach(a.nic.name, loader.FromVNet); err != nil {
+		return err
+	}
+	return nil
+}
+
+// syncVNetCIDRs makes the vnet_cidrs map hold exactly the configured prefixes and the NIC's
+// own addresses, adding before removing so no lookup misses in between.
+func (a *Agent) syncVNetCIDRs() error {
+	want := make(map[maps.VNetCIDR]bool)
+	for _, p := range a.vnet {
+		want[maps.VNetCIDR{Prefix: p}] = true
+		if err := a.maps.AddVNetCIDR(p); err != nil {
+			return err
+		}
+	}
+	for _, ip := range a.nic.addrs {
+		want[maps.VNetCIDR{Prefix: netip.PrefixFrom(ip, 32), Host: true}] = true
+		if err := a.maps.AddHostAddress(ip); err != nil {
+			return err
+		}
+	}
+	have, err := a.maps.ListVNetCIDRs()
+	if err != nil {
+		return err
+	}
+	for _, c := range have {
+		if !want[c] {
+			if err := a.maps.DeleteVNetCIDR(c.Prefix); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (a *Agent) close() {
+	if a.events != nil {
+		a.events.Close()
+	}
+	if a.store != nil {
+		a.store.Close()
+	}
+	if a.pool != nil {
+		a.pool.Close()
+	}
+	if a.dp != nil {
+		a.dp.Close()
+	}
+}
+
+const bpffsMagic = 0xcafe4a11
+
+// ensureBPFFS makes sure root lies on bpffs, mounting /sys/fs/bpf if root is below it and
+// nothing is mounted there, as a node fresh from boot may have it.
+func ensureBPFFS(root string) error {
+	isBPF := func(p string) bool {
+		var st unix.Statfs_t
+		return unix.Statfs(p, &st) == nil && uint32(st.Type) == bpffsMagic
+	}
+	dir := root
+	for dir != "/" {
+		if _, err := os.Stat(dir); err == nil {
+			break
+		}
+		dir = filepath.Dir(dir)
+	}
+	if isBPF(dir) {
+		return nil
+	}
+	const sysBPF = "/sys/fs/bpf"
+	if rel, err := filepath.Rel(sysBPF, root); err == nil && rel != ".." && !filepath.IsAbs(rel) && len(rel) >= 1 && rel[0] != '.' {
+		if err := unix.Mount("bpf", sysBPF, "bpf", 0, ""); err != nil {
+			return fmt.Errorf("bpffs is not mounted at %s and mounting it failed: %w (run 'mount -t bpf bpf %s')", sysBPF, err, sysBPF)
+		}
+		return nil
+	}
+	return fmt.Errorf("bpfRoot %s is not on bpffs: mount one (mount -t bpf bpf DIR) or use a directory under /sys/fs/bpf", root)
+}
+
+// errNotFound marks lookups of unknown attachments.
+var errNotFound = errors.New("not found")

@@ -1,0 +1,178 @@
+package agent
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/vnetbpf/vnetbpf/pkg/api"
+	"github.com/vnetbpf/vnetbpf/pkg/ipam"
+	"github.com/vnetbpf/vnetbpf/pkg/loader"
+)
+
+// DefaultConfigFile is where `vnetbpf-agent run` reads its configuration unless told otherwise.
+const DefaultConfigFile = "/etc/vnetbpf/agent.yaml"
+
+// Config is the agent's whole configuration: agent.yaml, overridden by flags.
+// docs/configuration.md documents every field; keep the two in step.
+type Config struct {
+	// NIC is the host interface on the VNet.
+	NIC string `json:"nic"`
+	// BPFRoot is the bpffs directory the maps and links are pinned under.
+	BPFRoot string `json:"bpfRoot"`
+	// AttachMode is auto (TCX where the kernel has it, else clsact), tcx or tc.
+	AttachMode loader.Mode `json:"attachMode"`
+	// Socket is the Unix socket the CNI API is served on (mode 0600).
+	Socket string `json:"socket"`
+	// StateDir holds the agent's state (state.db, endpoints.db).
+	StateDir string `json:"stateDir"`
+	// MetricsAddr serves /metrics, /healthz and /readyz; empty disables it.
+	MetricsAddr string `json:"metricsAddr"`
+	// VNetCIDRs are the prefixes containers reach directly through the NIC: the VNet and
+	// peered VNets. Anything else goes through the host stack.
+	VNetCIDRs []string `json:"vnetCIDRs"`
+	// MTU of container interfaces; 0 takes the NIC's.
+	MTU int `json:"mtu"`
+	// LogFormat is json or text.
+	LogFormat string `json:"logFormat"`
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `json:"logLevel"`
+	// IPAM configures the address pool.
+	IPAM IPAMConfig `json:"ipam"`
+}
+
+// IPAMConfig configures the address pool.
+type IPAMConfig struct {
+	// Provider is where addresses come from: static.
+	Provider string `json:"provider"`
+	// Cooldown is how long a released address rests before it is handed out again.
+	Cooldown Duration `json:"cooldown"`
+	// Static is the static provider's configuration.
+	Static StaticConfig `json:"static"`
+}
+
+// StaticConfig lists the addresses of the static provider.
+type StaticConfig struct {
+	// Addresses are IPv4 addresses and CIDRs owned by this node's NIC.
+	Addresses []string `json:"addresses"`
+}
+
+// Duration is a time.Duration written as "30s" in YAML.
+type Duration struct{ time.Duration }
+
+// MarshalJSON writes the duration as a string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
+
+// UnmarshalJSON reads "30s" or "1m30s".
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("duration must be a string such as \"30s\": %w", err)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return err
+	}
+	d.Duration = v
+	return nil
+}
+
+// DefaultConfig is the configuration with nothing set.
+func DefaultConfig() Config {
+	return Config{
+		NIC:         "eth0",
+		BPFRoot:     loader.DefaultRoot,
+		AttachMode:  loader.ModeAuto,
+		Socket:      api.DefaultSocket,
+		StateDir:    "/var/lib/vnetbpf",
+		MetricsAddr: "127.0.0.1:9962",
+		LogFormat:   "json",
+		LogLevel:    "info",
+		IPAM: IPAMConfig{
+			Provider: "static",
+			Cooldown: Duration{ipam.DefaultCooldown},
+		},
+	}
+}
+
+// LoadConfig reads path over the defaults. A missing file is an error only if mustExist;
+// an unknown key is always one, so that a typo never turns into a silent default.
+func LoadConfig(path string, mustExist bool) (Config, error) {
+	cfg := DefaultConfig()
+	b, err := os.ReadFile(path)
+	if os.IsNotExist(err) && !mustExist {
+		return cfg, nil
+	}
+	if err != nil {
+		return cfg, fmt.Errorf("read config: %w", err)
+	}
+	if err := ParseConfig(b, &cfg); err != nil {
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// ParseConfig decodes YAML into cfg, keeping what the document does not set.
+func ParseConfig(b []byte, cfg *Config) error {
+	j, err := yaml.YAMLToJSON(b)
+	if err != nil {
+		return err
+	}
+	if bytes.Equal(bytes.TrimSpace(j), []byte("null")) {
+		return nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(j))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(cfg); err != nil {
+		return err
+	}
+	return nil
+}
+
+// Validate checks cfg and returns the VNet prefixes parsed.
+func (c *Config) Validate() ([]netip.Prefix, error) {
+	if c.NIC == "" {
+		return nil, fmt.Errorf("nic must name the host interface on the VNet")
+	}
+	for name, v := range map[string]string{"bpfRoot": c.BPFRoot, "socket": c.Socket, "stateDir": c.StateDir} {
+		if v == "" {
+			return nil, fmt.Errorf("%s must not be empty", name)
+		}
+	}
+	switch c.AttachMode {
+	case loader.ModeAuto, loader.ModeTCX, loader.ModeTC:
+	default:
+		return nil, fmt.Errorf("attachMode %q: want auto, tcx or tc", c.AttachMode)
+	}
+	switch c.LogFormat {
+	case "json", "text":
+	default:
+		return nil, fmt.Errorf("logFormat %q: want json or text", c.LogFormat)
+	}
+	if c.MTU != 0 && (c.MTU < 576 || c.MTU > 65535) {
+		return nil, fmt.Errorf("mtu %d: want 0 (the NIC's) or 576..65535", c.MTU)
+	}
+	if c.IPAM.Provider != "static" {
+		return nil, fmt.Errorf("ipam.provider %q: only static is supported", c.IPAM.Provider)
+	}
+	if len(c.IPAM.Static.Addresses) == 0 {
+		return nil, fmt.Errorf("ipam.static.addresses is empty: list the VNet addresses (or CIDRs) this node's NIC owns")
+	}
+	if len(c.VNetCIDRs) == 0 {
+		return nil, fmt.Errorf("vnetCIDRs is empty: list the VNet's address space so containers can reach it")
+	}
+	var prefixes []netip.Prefix
+	for _, s := range c.VNetCIDRs {
+		p, err := netip.ParsePrefix(s)
+		if err != nil || !p.Addr().Is4() {
+			return nil, fmt.Errorf("vnetCIDRs: %q is not an IPv4 prefix such as 10.0.0.0/16", s)
+		}
+		prefixes = append(prefixes, p.Masked())
+	}
+	return prefixes, nil
+}
