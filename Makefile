@@ -21,6 +21,14 @@ build: ## Build bin/vnetbpf-agent and bin/vnetbpf (no clang needed: generated ob
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/vnetbpf-agent ./cmd/agent
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/vnetbpf ./cmd/cni
 
+.PHONY: demo
+demo: deps ## Run vnetbpf on a simulated VNet: a node, its agent, four containers, a measured connectivity matrix. Needs root
+	$(GO) run ./test/e2e/demo
+
+.PHONY: demo-down
+demo-down: ## Remove what an interrupted demo left behind. Needs root
+	$(GO) run ./test/e2e/demo -down
+
 .PHONY: deps
 deps: ## Install what builds and tests need (apt packages; mounts bpffs). Needs root
 	@scripts/deps.sh $(APT_PACKAGES)

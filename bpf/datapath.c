@@ -55,7 +55,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, enum stat_reason);
+	__type(key, __u32); /* enum stat_reason: array keys must be plain integers for BTF */
 	__type(value, struct stat);
 	__uint(max_entries, STAT_REASON_MAX);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);

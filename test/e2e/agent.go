@@ -117,6 +117,14 @@ func (a *Agent) Start() error {
 	return a.WaitReady(20 * time.Second)
 }
 
+// PID is the agent process's ID (nsenter execs the agent, so it is the agent's own).
+func (a *Agent) PID() int {
+	if a.cmd == nil || a.cmd.Process == nil {
+		return 0
+	}
+	return a.cmd.Process.Pid
+}
+
 // Client talks to the agent's socket.
 func (a *Agent) Client() *api.Client { return api.NewClient(a.Config.Socket, 5*time.Second) }
 
