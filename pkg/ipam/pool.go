@@ -186,6 +186,53 @@ func (p *Pool) SetAddresses(addrs []netip.Addr) error {
 	return nil
 }
 
+// Withdraw atomically takes up to n of candidates out of the set, choosing only addresses
+// that are free and cooled down, and returns them: the provider can then give them back to
+// the cloud without racing an allocation. On failure it hands them back with SetAddresses.
+func (p *Pool) Withdraw(candidates []netip.Addr, n int) ([]netip.Addr, error) {
+	p.writeMu.Lock()
+	defer p.writeMu.Unlock()
+	if p.db == nil {
+		return nil, ErrClosed
+	}
+	now := p.now()
+	var out []netip.Addr
+	for _, a := range candidates {
+		if len(out) >= n {
+			break
+		}
+		if !p.inSet[a] {
+			continue
+		}
+		if _, taken := p.byIP[a]; taken {
+			continue
+		}
+		if at, used := p.released[a]; used && p.cooling(at, now) {
+			continue
+		}
+		out = append(out, a)
+	}
+	if len(out) == 0 {
+		return nil, nil
+	}
+	drop := make(map[netip.Addr]bool, len(out))
+	for _, a := range out {
+		drop[a] = true
+	}
+	p.mu.Lock()
+	kept := p.addrs[:0:0]
+	set := make(map[netip.Addr]bool, len(p.addrs))
+	for _, a := range p.addrs {
+		if !drop[a] {
+			kept = append(kept, a)
+			set[a] = true
+		}
+	}
+	p.addrs, p.inSet = kept, set
+	p.mu.Unlock()
+	return out, nil
+}
+
 // Allocate gives o's key an address. It is idempotent per key: a retried ADD, for example
 // after the agent crashed before answering, gets the allocation that already exists and
 // existing=true, even if its address has since left the set. Otherwise it picks a free

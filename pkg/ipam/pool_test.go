@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -780,5 +781,43 @@ func TestFailedCommitChangesNothing(t *testing.T) {
 	}
 	if st := p.State(); st.Used != 1 || st.Cooling != 0 {
 		t.Errorf("State after failed commits = used %d cooling %d, want 1 and 0", st.Used, st.Cooling)
+	}
+}
+
+func TestWithdrawTakesOnlyFreeCooledAddresses(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	p, err := Open(filepath.Join(t.TempDir(), "state.db"), Options{Cooldown: time.Minute, Now: func() time.Time { return now }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	addrs := []netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("10.0.0.3"), netip.MustParseAddr("10.0.0.4")}
+	if err := p.SetAddresses(addrs); err != nil {
+		t.Fatal(err)
+	}
+	used, _, err := p.Allocate(api.Owner{Key: api.Key{ContainerID: "a", IfName: "eth0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cool, _, err := p.Allocate(api.Owner{Key: api.Key{ContainerID: "b", IfName: "eth0"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Release(api.Key{ContainerID: "b", IfName: "eth0"}); err != nil {
+		t.Fatal(err)
+	}
+	got, err := p.Withdraw(addrs, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || slices.Contains(got, used.IP) || slices.Contains(got, cool.IP) {
+		t.Fatalf("withdrew %v: want the 2 addresses neither allocated (%s) nor cooling (%s)", got, used.IP, cool.IP)
+	}
+	st := p.State()
+	if st.Size != 2 {
+		t.Errorf("pool size %d after withdrawing 2 of 4, want 2", st.Size)
+	}
+	if _, _, err := p.Allocate(api.Owner{Key: api.Key{ContainerID: "c", IfName: "eth0"}}); !errors.Is(err, ErrExhausted) {
+		t.Errorf("allocate after withdraw: %v, want ErrExhausted (withdrawn addresses are not handed out)", err)
 	}
 }
