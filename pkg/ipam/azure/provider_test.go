@@ -39,10 +39,10 @@ type fakeNIC struct {
 	etag    int
 	puts    int
 	gets    int
-	failPut func(n int, errResp *azfake.ErrorResponder) bool       // fail the PUT before accepting it
-	failLRO func(n int) bool                                       // fail the long-running operation
-	late    bool                                                   // new configurations get addresses one GET later
-	onPut   func(n int, params *armnetwork.Interface)              // observe or alter a PUT
+	failPut func(n int, errResp *azfake.ErrorResponder) bool // fail the PUT before accepting it
+	failLRO func(n int) bool                                 // fail the long-running operation
+	late    bool                                             // new configurations get addresses one GET later
+	onPut   func(n int, params *armnetwork.Interface)        // observe or alter a PUT
 	lateIPs map[string]netip.Addr
 }
 
