@@ -21,6 +21,7 @@ import (
 
 	"github.com/vnetbpf/vnetbpf/pkg/api"
 	"github.com/vnetbpf/vnetbpf/pkg/ipam"
+	"github.com/vnetbpf/vnetbpf/pkg/ipam/azure"
 	"github.com/vnetbpf/vnetbpf/pkg/loader"
 	"github.com/vnetbpf/vnetbpf/pkg/maps"
 )
@@ -38,6 +39,7 @@ type Agent struct {
 	maps     *maps.Maps
 	pool     *ipam.Pool
 	provider ipam.Provider
+	grower   grower // the provider, if it grows the pool (azure); nil for static
 	store    *endpointStore
 	nic      nicInfo
 	events   *eventHub
@@ -58,17 +60,36 @@ type nicInfo struct {
 	addrs []netip.Addr
 }
 
+// grower is a provider that changes the pool's addresses over time (azure).
+type grower interface {
+	Run(ctx context.Context, pool *ipam.Pool)
+	Trigger()
+	Status() azure.Status
+}
+
 // New checks cfg and returns an agent ready to Run.
 func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	vnet, err := cfg.Validate()
 	if err != nil {
 		return nil, fmt.Errorf("invalid configuration: %w", err)
 	}
-	provider, err := ipam.NewStatic(cfg.IPAM.Static.Addresses)
-	if err != nil {
-		return nil, fmt.Errorf("invalid configuration: ipam.static.addresses: %w", err)
+	a := &Agent{cfg: cfg, log: log, vnet: vnet, endpoints: make(map[api.Key]api.Endpoint)}
+	if cfg.IPAM.Provider == "static" {
+		if a.provider, err = ipam.NewStatic(cfg.IPAM.Static.Addresses); err != nil {
+			return nil, fmt.Errorf("invalid configuration: ipam.static.addresses: %w", err)
+		}
 	}
-	return &Agent{cfg: cfg, log: log, vnet: vnet, provider: provider, endpoints: make(map[api.Key]api.Endpoint)}, nil
+	return a, nil
+}
+
+// newAzureProvider builds the azure provider once the NIC's MAC is known.
+func (a *Agent) newAzureProvider() error {
+	p, err := azure.New(a.cfg.azureProviderConfig(a.nic.mac), a.log.With("provider", "azure"))
+	if err != nil {
+		return err
+	}
+	a.provider, a.grower = p, p
+	return nil
 }
 
 // Run sets the node up, serves until ctx ends, then stops serving. The datapath stays: maps
@@ -80,6 +101,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 
+	if a.grower != nil {
+		go a.grower.Run(ctx, a.pool)
+	}
 	errc := make(chan error, 2)
 	apiSrv, err := a.serveAPI(errc)
 	if err != nil {
@@ -137,12 +161,22 @@ func (a *Agent) setup(ctx context.Context) error {
 		return err
 	}
 	a.pool = pool
-	addrs, err := a.provider.Addresses(ctx)
-	if err != nil {
-		return fmt.Errorf("ipam provider %s: %w", a.provider.Name(), err)
+	if a.cfg.IPAM.Provider == "azure" {
+		if err := a.newAzureProvider(); err != nil {
+			return err
+		}
 	}
-	if err := pool.SetAddresses(addrs); err != nil {
-		return err
+	addrs, err := a.provider.Addresses(ctx)
+	switch {
+	case err != nil && a.grower == nil:
+		return fmt.Errorf("ipam provider %s: %w", a.provider.Name(), err)
+	case err != nil:
+		// Running containers need no provider; the pool fills once IMDS or ARM answers.
+		a.log.Warn("cannot read the NIC's addresses yet; starting with an empty pool", "provider", a.provider.Name(), "err", err)
+	default:
+		if err := pool.SetAddresses(addrs); err != nil {
+			return err
+		}
 	}
 	if a.store, err = openEndpointStore(filepath.Join(a.cfg.StateDir, "endpoints.db")); err != nil {
 		return err

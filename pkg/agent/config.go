@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"time"
@@ -12,6 +13,7 @@ import (
 
 	"github.com/vnetbpf/vnetbpf/pkg/api"
 	"github.com/vnetbpf/vnetbpf/pkg/ipam"
+	"github.com/vnetbpf/vnetbpf/pkg/ipam/azure"
 	"github.com/vnetbpf/vnetbpf/pkg/loader"
 )
 
@@ -48,12 +50,35 @@ type Config struct {
 
 // IPAMConfig configures the address pool.
 type IPAMConfig struct {
-	// Provider is where addresses come from: static.
+	// Provider is where addresses come from: static or azure.
 	Provider string `json:"provider"`
 	// Cooldown is how long a released address rests before it is handed out again.
 	Cooldown Duration `json:"cooldown"`
+	// AllocateTimeout is how long an ADD that finds the pool empty waits for it to grow
+	// before failing with CNI code 11.
+	AllocateTimeout Duration `json:"allocateTimeout"`
 	// Static is the static provider's configuration.
 	Static StaticConfig `json:"static"`
+	// Azure is the azure provider's configuration.
+	Azure AzureConfig `json:"azure"`
+}
+
+// AzureConfig configures the azure provider: where IMDS and ARM are, the identity, the
+// NIC (found from IMDS unless set) and the warm pool.
+type AzureConfig struct {
+	IMDSURL        string `json:"imdsURL"`
+	ARMEndpoint    string `json:"armEndpoint"`
+	CAFile         string `json:"caFile"`
+	Credential     string `json:"credential"`
+	ClientID       string `json:"clientID"`
+	TokenFile      string `json:"tokenFile"`
+	SubscriptionID string `json:"subscriptionID"`
+	ResourceGroup  string `json:"resourceGroup"`
+	NICName        string `json:"nicName"`
+	MinFree        int    `json:"minFree"`
+	Batch          int    `json:"batch"`
+	MaxFree        int    `json:"maxFree"`
+	MaxIPs         int    `json:"maxIPs"`
 }
 
 // StaticConfig lists the addresses of the static provider.
@@ -94,8 +119,18 @@ func DefaultConfig() Config {
 		LogFormat:   "json",
 		LogLevel:    "info",
 		IPAM: IPAMConfig{
-			Provider: "static",
-			Cooldown: Duration{ipam.DefaultCooldown},
+			Provider:        "static",
+			Cooldown:        Duration{ipam.DefaultCooldown},
+			AllocateTimeout: Duration{30 * time.Second},
+			Azure: AzureConfig{
+				IMDSURL:     azure.DefaultIMDSURL,
+				ARMEndpoint: azure.DefaultARMEndpoint,
+				Credential:  azure.CredentialManagedIdentity,
+				MinFree:     8,
+				Batch:       16,
+				MaxFree:     24,
+				MaxIPs:      azure.MaxIPConfigs,
+			},
 		},
 	}
 }
@@ -157,11 +192,21 @@ func (c *Config) Validate() ([]netip.Prefix, error) {
 	if c.MTU != 0 && (c.MTU < 576 || c.MTU > 65535) {
 		return nil, fmt.Errorf("mtu %d: want 0 (the NIC's) or 576..65535", c.MTU)
 	}
-	if c.IPAM.Provider != "static" {
-		return nil, fmt.Errorf("ipam.provider %q: only static is supported", c.IPAM.Provider)
+	switch c.IPAM.Provider {
+	case "static":
+		if len(c.IPAM.Static.Addresses) == 0 {
+			return nil, fmt.Errorf("ipam.static.addresses is empty: list the VNet addresses (or CIDRs) this node's NIC owns")
+		}
+	case "azure":
+		az := c.azureProviderConfig(nil)
+		if err := az.Validate(); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, fmt.Errorf("ipam.provider %q: want static or azure", c.IPAM.Provider)
 	}
-	if len(c.IPAM.Static.Addresses) == 0 {
-		return nil, fmt.Errorf("ipam.static.addresses is empty: list the VNet addresses (or CIDRs) this node's NIC owns")
+	if c.IPAM.AllocateTimeout.Duration < 0 {
+		return nil, fmt.Errorf("ipam.allocateTimeout must not be negative")
 	}
 	if len(c.VNetCIDRs) == 0 {
 		return nil, fmt.Errorf("vnetCIDRs is empty: list the VNet's address space so containers can reach it")
@@ -175,4 +220,15 @@ func (c *Config) Validate() ([]netip.Prefix, error) {
 		prefixes = append(prefixes, p.Masked())
 	}
 	return prefixes, nil
+}
+
+// azureProviderConfig is the azure provider's configuration for a NIC with the given MAC.
+func (c *Config) azureProviderConfig(mac net.HardwareAddr) azure.Config {
+	az := c.IPAM.Azure
+	return azure.Config{
+		IMDSURL: az.IMDSURL, ARMEndpoint: az.ARMEndpoint, CAFile: az.CAFile,
+		Credential: az.Credential, ClientID: az.ClientID, TokenFile: az.TokenFile,
+		SubscriptionID: az.SubscriptionID, ResourceGroup: az.ResourceGroup, NICName: az.NICName,
+		MinFree: az.MinFree, Batch: az.Batch, MaxFree: az.MaxFree, MaxIPs: az.MaxIPs, MAC: mac,
+	}
 }

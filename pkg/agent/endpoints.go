@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -33,8 +34,33 @@ func internal(err error) *apiError {
 
 // allocate gives an address to an attachment. A repeated request for the same key returns the
 // same address (an ADD retried after a crash), unless a live endpoint already holds it: then
-// this is a second ADD for an attachment in use, refused without touching it.
-func (a *Agent) allocate(req api.AllocationRequest) (api.Allocation, *apiError) {
+// this is a second ADD for an attachment in use, refused without touching it. When the pool is
+// empty and the provider can grow it, the request waits up to ipam.allocateTimeout.
+func (a *Agent) allocate(ctx context.Context, req api.AllocationRequest) (api.Allocation, *apiError) {
+	deadline := time.Now().Add(a.cfg.IPAM.AllocateTimeout.Duration)
+	for {
+		alloc, err := a.tryAllocate(req)
+		if !errors.Is(err, ipam.ErrExhausted) {
+			if err != nil {
+				return alloc, asAPIError(err)
+			}
+			a.keepWarm()
+			return a.withNetwork(alloc), nil
+		}
+		if a.grower == nil || !time.Now().Before(deadline) {
+			a.metrics.allocFailures.Inc()
+			return alloc, a.exhaustedError(err)
+		}
+		a.grower.Trigger()
+		select {
+		case <-ctx.Done():
+			return alloc, a.exhaustedError(err)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (a *Agent) tryAllocate(req api.AllocationRequest) (api.Allocation, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if ep, ok := a.endpoints[req.Key]; ok && linkExists(ep.HostIfName) {
@@ -43,19 +69,54 @@ func (a *Agent) allocate(req api.AllocationRequest) (api.Allocation, *apiError) 
 			req.Key, ep.IP, ep.HostIfName)
 	}
 	alloc, existing, err := a.pool.Allocate(req.Owner)
-	switch {
-	case errors.Is(err, ipam.ErrExhausted):
-		a.metrics.allocFailures.Inc()
-		return alloc, &apiError{status: http.StatusServiceUnavailable, body: api.Error{Code: api.CodeTryAgainLater,
-			Msg: "no free VNet address on this node", Details: err.Error()}}
-	case errors.Is(err, ipam.ErrInvalidKey):
-		return alloc, errorf(http.StatusBadRequest, api.CodeInvalidConfig, "%v", err)
-	case err != nil:
-		return alloc, internal(err)
+	if err != nil {
+		return alloc, err
 	}
 	a.log.Info("address allocated", "key", req.Key.String(), "ip", alloc.IP.String(), "existing", existing,
 		"pod", req.PodNamespace+"/"+req.PodName)
-	return a.withNetwork(alloc), nil
+	return alloc, nil
+}
+
+func asAPIError(err error) *apiError {
+	var aerr *apiError
+	switch {
+	case errors.As(err, &aerr):
+		return aerr
+	case errors.Is(err, ipam.ErrInvalidKey):
+		return errorf(http.StatusBadRequest, api.CodeInvalidConfig, "%v", err)
+	}
+	return internal(err)
+}
+
+// exhaustedError is CNI code 11 with what the operator can act on: the pool's numbers and,
+// for a growing provider, why it has not grown.
+func (a *Agent) exhaustedError(err error) *apiError {
+	details := err.Error()
+	if a.grower != nil {
+		st := a.grower.Status()
+		details += fmt.Sprintf("; waited %s for the pool to grow (%d IP configurations on the NIC, %d being added)",
+			a.cfg.IPAM.AllocateTimeout.Duration, st.IPConfigs, st.Pending)
+		if st.LastError != "" {
+			details += "; last Azure error: " + st.LastError
+		}
+		if st.IPConfigs >= a.cfg.IPAM.Azure.MaxIPs {
+			details += fmt.Sprintf("; the NIC is at ipam.azure.maxIPs (%d)", a.cfg.IPAM.Azure.MaxIPs)
+		}
+	}
+	return &apiError{status: http.StatusServiceUnavailable, body: api.Error{Code: api.CodeTryAgainLater,
+		Msg: "no free VNet address on this node", Details: details}}
+}
+
+// keepWarm wakes the provider when the pool has drifted out of its warm range, so growth
+// starts before the next ADD finds it empty and shrinking does not wait for the next tick.
+func (a *Agent) keepWarm() {
+	if a.grower == nil {
+		return
+	}
+	st := a.pool.State()
+	if st.Free < a.cfg.IPAM.Azure.MinFree || st.Free > a.cfg.IPAM.Azure.MaxFree {
+		a.grower.Trigger()
+	}
 }
 
 // withNetwork adds what a container needs to use its address.
@@ -72,8 +133,10 @@ func (a *Agent) withNetwork(alloc api.Allocation) api.Allocation {
 // release frees an attachment's address, removing its endpoint first if it has one.
 func (a *Agent) release(k api.Key) *apiError {
 	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.removeLocked(k, "released")
+	aerr := a.removeLocked(k, "released")
+	a.mu.Unlock()
+	a.keepWarm()
+	return aerr
 }
 
 // putEndpoint registers a wired container interface: record, map entry, then the program on

@@ -72,12 +72,22 @@ var (
 		"Addresses of the node's pool, by state (free, allocated, cooling).", []string{"state"}, nil)
 	descEndpoints = prometheus.NewDesc("vnetbpf_endpoints",
 		"Container interfaces registered with the datapath.", nil, nil)
+	descIPConfigs = prometheus.NewDesc("vnetbpf_azure_ip_configurations",
+		"IP configurations on the node's NIC as ARM last showed them, primary included.", nil, nil)
+	descPending = prometheus.NewDesc("vnetbpf_azure_ip_configurations_pending",
+		"IP configurations being added by an ARM operation that has not finished.", nil, nil)
+	descAdded = prometheus.NewDesc("vnetbpf_azure_ip_configurations_added_total",
+		"IP configurations the agent added to the NIC since it started.", nil, nil)
+	descRemoved = prometheus.NewDesc("vnetbpf_azure_ip_configurations_removed_total",
+		"IP configurations the agent removed from the NIC since it started.", nil, nil)
+	descProviderErr = prometheus.NewDesc("vnetbpf_azure_last_error_timestamp_seconds",
+		"When the last ARM or IMDS call failed (Unix time); 0 once a later one succeeded.", nil, nil)
 )
 
 type datapathCollector struct{ a *Agent }
 
 func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPackets, descBytes, descPool, descEndpoints} {
+	for _, d := range []*prometheus.Desc{descPackets, descBytes, descPool, descEndpoints, descIPConfigs, descPending, descAdded, descRemoved, descProviderErr} {
 		ch <- d
 	}
 }
@@ -100,6 +110,18 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 	n := len(c.a.endpoints)
 	c.a.mu.Unlock()
 	ch <- prometheus.MustNewConstMetric(descEndpoints, prometheus.GaugeValue, float64(n))
+	if c.a.grower != nil {
+		ps := c.a.grower.Status()
+		var errAt float64
+		if !ps.LastErrorAt.IsZero() {
+			errAt = float64(ps.LastErrorAt.Unix())
+		}
+		ch <- prometheus.MustNewConstMetric(descIPConfigs, prometheus.GaugeValue, float64(ps.IPConfigs))
+		ch <- prometheus.MustNewConstMetric(descPending, prometheus.GaugeValue, float64(ps.Pending))
+		ch <- prometheus.MustNewConstMetric(descAdded, prometheus.CounterValue, float64(ps.Grown))
+		ch <- prometheus.MustNewConstMetric(descRemoved, prometheus.CounterValue, float64(ps.Released))
+		ch <- prometheus.MustNewConstMetric(descProviderErr, prometheus.GaugeValue, errAt)
+	}
 }
 
 // serveMetrics serves /metrics, /healthz (the process answers) and /readyz (setup finished and

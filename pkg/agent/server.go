@@ -135,7 +135,7 @@ func (a *Agent) handleAllocate(r *http.Request) (any, *apiError) {
 	if aerr := validateOwner(req.Owner); aerr != nil {
 		return nil, aerr
 	}
-	return a.allocate(req)
+	return a.allocate(r.Context(), req)
 }
 
 func (a *Agent) handleRelease(r *http.Request) (any, *apiError) {
@@ -147,9 +147,18 @@ func (a *Agent) handleRelease(r *http.Request) (any, *apiError) {
 }
 
 func (a *Agent) handlePool(*http.Request) (any, *apiError) {
+	return a.poolState(), nil
+}
+
+// poolState is the pool with the provider's side of it.
+func (a *Agent) poolState() api.PoolState {
 	st := a.pool.State()
 	st.Provider = a.provider.Name()
-	return st, nil
+	if a.grower != nil {
+		ps := a.grower.Status()
+		st.IPConfigs, st.Pending, st.LastError, st.LastErrorTime = ps.IPConfigs, ps.Pending, ps.LastError, ps.LastErrorAt
+	}
+	return st
 }
 
 func (a *Agent) handlePutEndpoint(r *http.Request) (any, *apiError) {
@@ -196,8 +205,7 @@ func (a *Agent) handleGC(r *http.Request) (any, *apiError) {
 }
 
 func (a *Agent) status() api.Status {
-	pool := a.pool.State()
-	pool.Provider = a.provider.Name()
+	pool := a.poolState()
 	pool.Addresses = nil
 	s := api.Status{
 		Version: Version, Ready: a.ready.Load(), Pool: pool, NIC: a.nic.name,
@@ -209,6 +217,12 @@ func (a *Agent) status() api.Status {
 	s.CanAllocate = pool.Free > 0
 	if !s.CanAllocate {
 		s.Reason = fmt.Sprintf("no free address: %d in the pool, %d in use, %d cooling down", pool.Size, pool.Used, pool.Cooling)
+		if a.grower != nil {
+			s.Reason += fmt.Sprintf("; %d IP configurations being added", pool.Pending)
+			if pool.LastError != "" {
+				s.Reason += "; last Azure error: " + pool.LastError
+			}
+		}
 	}
 	return s
 }

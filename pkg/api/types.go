@@ -113,6 +113,12 @@ type PoolState struct {
 	Free      int            `json:"free"`
 	Cooling   int            `json:"cooling"`
 	Addresses []AddressState `json:"addresses"`
+	// Provider-side state (azure): IP configurations on the NIC (primary included), those
+	// being added, and the last failure to talk to ARM or IMDS, empty once one succeeds.
+	IPConfigs     int       `json:"ipConfigs,omitempty"`
+	Pending       int       `json:"pending"`
+	LastError     string    `json:"lastError,omitempty"`
+	LastErrorTime time.Time `json:"lastErrorTime,omitzero"`
 }
 
 // GCRequest lists the attachments the runtime still knows; the agent releases all others.

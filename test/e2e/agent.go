@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -68,7 +70,11 @@ type Agent struct {
 func NewAgentConfig(node *Node, dir string, pool []string) agent.Config {
 	cfg := agent.DefaultConfig()
 	cfg.NIC = node.NIC
-	cfg.BPFRoot = filepath.Join("/sys/fs/bpf", "vnetbpf-e2e-"+filepath.Base(dir))
+	// t.TempDir names repeat across tests ("001"), and test binaries may run side by side:
+	// every agent gets a root of its own.
+	suffix := make([]byte, 6)
+	rand.Read(suffix)
+	cfg.BPFRoot = filepath.Join("/sys/fs/bpf", "vnetbpf-e2e-"+hex.EncodeToString(suffix))
 	cfg.Socket = filepath.Join(dir, "agent.sock")
 	cfg.StateDir = filepath.Join(dir, "state")
 	cfg.MetricsAddr = "" // each node's loopback is its own, but tests read the API instead
