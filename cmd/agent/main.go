@@ -61,7 +61,15 @@ func rootCmd() *cobra.Command {
 			w := table(cmd.OutOrStdout())
 			fmt.Fprintf(w, "Version:\t%s\nReady:\t%v\nNIC:\t%s\nAttach mode:\t%s\nEndpoints:\t%d\n", s.Version, s.Ready, s.NIC, s.AttachMode, s.Endpoints)
 			fmt.Fprintf(w, "Pool (%s):\t%d addresses, %d allocated, %d free, %d cooling\n", s.Pool.Provider, s.Pool.Size, s.Pool.Used, s.Pool.Free, s.Pool.Cooling)
-			fmt.Fprintf(w, "Can allocate:\t%v\t%s\nStarted:\t%s\n", s.CanAllocate, s.Reason, s.StartedAt.Local().Format(time.RFC3339))
+			if s.CanAllocate {
+				fmt.Fprintf(w, "Can allocate:\tyes\n")
+			} else {
+				fmt.Fprintf(w, "Can allocate:\tno: %s\n", s.Reason)
+			}
+			if s.Pool.LastError != "" {
+				fmt.Fprintf(w, "Last provider error:\t%s (%s)\n", s.Pool.LastError, s.Pool.LastErrorTime.Local().Format(time.RFC3339))
+			}
+			fmt.Fprintf(w, "Started:\t%s\n", s.StartedAt.Local().Format(time.RFC3339))
 			return w.Flush()
 		},
 	}
@@ -106,7 +114,14 @@ func rootCmd() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), p)
 			}
 			w := table(cmd.OutOrStdout())
-			fmt.Fprintf(w, "provider %s: %d addresses, %d allocated, %d free, %d cooling\n\n", p.Provider, p.Size, p.Used, p.Free, p.Cooling)
+			fmt.Fprintf(w, "provider %s: %d addresses, %d allocated, %d free, %d cooling\n", p.Provider, p.Size, p.Used, p.Free, p.Cooling)
+			if p.IPConfigs > 0 || p.Pending > 0 {
+				fmt.Fprintf(w, "NIC: %d IP configurations, %d being added\n", p.IPConfigs, p.Pending)
+			}
+			if p.LastError != "" {
+				fmt.Fprintf(w, "last provider error (%s): %s\n", p.LastErrorTime.Local().Format(time.RFC3339), p.LastError)
+			}
+			fmt.Fprintln(w)
 			fmt.Fprintln(w, "IP\tSTATE\tCONTAINER\tIFNAME\tPOD\tUNTIL")
 			for _, a := range p.Addresses {
 				var cid, ifn, po, until string

@@ -28,9 +28,9 @@ func newMetrics(a *Agent) *metrics {
 		reg: prometheus.NewRegistry(),
 		apiDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "vnetbpf_api_request_duration_seconds",
-			Help:    "Latency of the agent's CNI API, by route and HTTP status.",
+			Help:    "Latency of the agent's CNI API, by method, route and HTTP status.",
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5},
-		}, []string{"route", "code"}),
+		}, []string{"method", "route", "code"}),
 		allocFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vnetbpf_ipam_allocation_failures_total",
 			Help: "Address requests refused because the pool had no free address.",
@@ -42,14 +42,15 @@ func newMetrics(a *Agent) *metrics {
 	return m
 }
 
-// instrument records the latency of h under route, a pattern with bounded cardinality.
-func (m *metrics) instrument(route string, h http.Handler) http.Handler {
-	route = strings.SplitN(route, " ", 2)[1]
+// instrument records the latency of h under its method and route pattern ("PUT",
+// "/v1/endpoints/{containerID}/{ifName}"), which keeps the labels' cardinality bounded.
+func (m *metrics) instrument(pattern string, h http.Handler) http.Handler {
+	method, route, _ := strings.Cut(pattern, " ")
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
 		start := time.Now()
 		h.ServeHTTP(sw, r)
-		m.apiDuration.WithLabelValues(route, strconv.Itoa(sw.code)).Observe(time.Since(start).Seconds())
+		m.apiDuration.WithLabelValues(method, route, strconv.Itoa(sw.code)).Observe(time.Since(start).Seconds())
 	})
 }
 

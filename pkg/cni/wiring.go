@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
@@ -69,6 +70,9 @@ func (w *wiring) createVeth(hostNS ns.NetNS) (netlink.Link, error) {
 // configureContainer runs in the container's netns. The order matters: IPv4 refuses a
 // route through a link that is down, and a gateway route needs the link route first.
 func (w *wiring) configureContainer(link netlink.Link) error {
+	if err := disableIPv6(w.ifName); err != nil {
+		return err
+	}
 	if err := netlink.LinkSetUp(link); err != nil {
 		return fmt.Errorf("set %s up: %w", w.ifName, err)
 	}
@@ -178,4 +182,17 @@ func retryDump[T any](dump func() (T, error)) (T, error) {
 		}
 	}
 	return v, err
+}
+
+// disableIPv6 turns IPv6 off on the container's interface before it comes up. The datapath
+// forwards IPv4 only and drops everything else a container sends, so the link-local address,
+// router solicitations and MLD reports IPv6 would start with would only fill the drop counters
+// and `vnetbpf-agent monitor`. /proc/sys/net belongs to the calling thread's namespace; a
+// kernel without IPv6 has no such file, which is fine.
+func disableIPv6(ifName string) error {
+	p := "/proc/sys/net/ipv6/conf/" + ifName + "/disable_ipv6"
+	if err := os.WriteFile(p, []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("disable IPv6 on %s: %w", ifName, err)
+	}
+	return nil
 }

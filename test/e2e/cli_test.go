@@ -101,7 +101,7 @@ func TestAgentCLIStatus(t *testing.T) {
 		regexp.MustCompile(`(?m)^NIC:\s+eth0$`),
 		regexp.MustCompile(`(?m)^Endpoints:\s+1$`),
 		regexp.MustCompile(fmt.Sprintf(`(?m)^Pool \(static\):\s+%d addresses, 1 allocated, %d free, 0 cooling$`, s.Pool.Size, s.Pool.Size-1)),
-		regexp.MustCompile(`(?m)^Can allocate:\s+true`),
+		regexp.MustCompile(`(?m)^Can allocate:\s+yes$`),
 		regexp.MustCompile(`(?m)^Attach mode:\s+\S+`),
 	} {
 		if !want.MatchString(out) {

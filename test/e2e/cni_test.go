@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -176,7 +177,8 @@ func TestCNILifecycle(t *testing.T) {
 			}
 			if got == nil || got.IP != a.ip || got.PodName != "pod-"+a.id || got.PodNamespace != "default" ||
 				uint32(got.HostIfIndex) != ep.Ifindex || got.TxPackets == 0 {
-				t.Errorf("agent endpoint %+v does not match container %s (%s) and map entry %+v", got, a.id, a.ip, ep)
+				b, _ := json.Marshal(got) // %+v would print only the embedded Key's String()
+				t.Errorf("agent endpoint %s does not match container %s (%s) and map entry %+v", b, a.id, a.ip, ep)
 			}
 
 			if v != "0.3.1" { // CHECK came with 0.4.0

@@ -106,8 +106,8 @@ func TestAgentMetrics(t *testing.T) {
 		t.Errorf("vnetbpf_endpoints = %v (found %v), want 2", v, ok)
 	}
 	// Two ADDs each allocated an address and registered an endpoint through the API.
-	for _, route := range []string{"/v1/ipam/allocations", "/v1/endpoints/{containerID}/{ifName}"} {
-		bucket := fmt.Sprintf(`vnetbpf_api_request_duration_seconds_bucket{code="200",route=%q,le="+Inf"}`, route)
+	for method, route := range map[string]string{"POST": "/v1/ipam/allocations", "PUT": "/v1/endpoints/{containerID}/{ifName}"} {
+		bucket := fmt.Sprintf(`vnetbpf_api_request_duration_seconds_bucket{code="200",method=%q,route=%q,le="+Inf"}`, method, route)
 		if v, ok := metricValue(text, bucket, ""); !ok || v < 2 {
 			t.Errorf("%s = %v (found %v), want >= 2 after two ADDs", bucket, v, ok)
 		}
