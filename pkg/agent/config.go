@@ -79,6 +79,8 @@ type AzureConfig struct {
 	Batch          int    `json:"batch"`
 	MaxFree        int    `json:"maxFree"`
 	MaxIPs         int    `json:"maxIPs"`
+	// Interval is how often the pool is checked when nothing else wakes the loop.
+	Interval Duration `json:"interval"`
 }
 
 // StaticConfig lists the addresses of the static provider.
@@ -130,6 +132,7 @@ func DefaultConfig() Config {
 				Batch:       16,
 				MaxFree:     24,
 				MaxIPs:      azure.MaxIPConfigs,
+				Interval:    Duration{10 * time.Second},
 			},
 		},
 	}
@@ -230,5 +233,6 @@ func (c *Config) azureProviderConfig(mac net.HardwareAddr) azure.Config {
 		Credential: az.Credential, ClientID: az.ClientID, TokenFile: az.TokenFile,
 		SubscriptionID: az.SubscriptionID, ResourceGroup: az.ResourceGroup, NICName: az.NICName,
 		MinFree: az.MinFree, Batch: az.Batch, MaxFree: az.MaxFree, MaxIPs: az.MaxIPs, MAC: mac,
+		Interval: az.Interval.Duration,
 	}
 }

@@ -412,14 +412,20 @@ func (p *Provider) shrink(ctx context.Context, pool *ipam.Pool, nic armnetwork.I
 
 // put writes the NIC only if nobody changed it since it was read (If-Match on its ETag): a
 // concurrent writer makes the PUT fail with 412, and the next step reads the NIC again.
+//
+// The If-Match header goes on the PUT's context only: azcore would send it with every request
+// made with that context, and the poller's final GET of the NIC, whose ETag the PUT changed,
+// would then fail.
 func (p *Provider) put(ctx context.Context, nic armnetwork.Interface) (armnetwork.Interface, error) {
+	putCtx := ctx
 	if nic.Etag != nil {
-		ctx = policy.WithHTTPHeader(ctx, http.Header{"If-Match": []string{*nic.Etag}})
+		putCtx = policy.WithHTTPHeader(ctx, http.Header{"If-Match": []string{*nic.Etag}})
 	}
-	poller, err := p.nics.BeginCreateOrUpdate(ctx, p.rg, p.nic, nic, nil)
+	poller, err := p.nics.BeginCreateOrUpdate(putCtx, p.rg, p.nic, nic, nil)
 	if err != nil {
 		return armnetwork.Interface{}, describe(err)
 	}
+	// 1 s is azcore's minimum; ARM's Retry-After on each poll takes precedence.
 	resp, err := poller.PollUntilDone(ctx, &runtime.PollUntilDoneOptions{Frequency: time.Second})
 	if err != nil {
 		return armnetwork.Interface{}, describe(err)
@@ -438,6 +444,8 @@ func describe(err error) error {
 			return fmt.Errorf("the agent's identity may not write the NIC (needs Microsoft.Network/networkInterfaces/write and Microsoft.Network/virtualNetworks/subnets/join/action, see docs/azure.md): %w", err)
 		case http.StatusTooManyRequests:
 			return fmt.Errorf("ARM is throttling this subscription; backing off: %w", err)
+		case http.StatusConflict:
+			return fmt.Errorf("another operation on the NIC is in progress; retrying: %w", err)
 		}
 	}
 	return err
