@@ -79,7 +79,9 @@ func newInterfacesClient(cfg Config, cred azcore.TokenCredential, transport poli
 				cloud.ResourceManager: {Endpoint: endpoint, Audience: DefaultARMEndpoint},
 			},
 		},
-		Retry:     policy.RetryOptions{MaxRetries: 4, RetryDelay: 500 * time.Millisecond, MaxRetryDelay: 30 * time.Second},
+		// A few quick retries for a blip; the provider's own loop backs off beyond that, and an
+		// ADD waiting for growth hears about an outage within seconds.
+		Retry:     policy.RetryOptions{MaxRetries: 3, RetryDelay: 500 * time.Millisecond, MaxRetryDelay: 30 * time.Second},
 		Transport: transport,
 	}}
 	if transport == nil && cfg.CAFile != "" {
