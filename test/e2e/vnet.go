@@ -107,6 +107,9 @@ func (f *Fabric) plug(node *Node) error {
 		return sysctls(map[string]string{
 			"net.ipv4.conf." + node.fabricDev + ".proxy_arp": "1",
 			"net.ipv4.conf." + node.fabricDev + ".rp_filter": "1",
+			// Linux delays proxy ARP answers by up to 0.8 s at random; Azure's SDN answers
+			// at once, and a cross-node ping needs one answer each way.
+			"net.ipv4.neigh." + node.fabricDev + ".proxy_delay": "0",
 		})
 	})
 	if err != nil {
