@@ -1,7 +1,9 @@
-// Command demo runs vnetbpf on a simulated Azure VNet: a fabric namespace, a node with a real
-// vnetbpf-agent, and four containers added through libcni with the real CNI plugin. It prints
-// the endpoints, a connectivity matrix it measures, what bpftool and the agent show, and
-// then removes everything. `demo -down` removes what an interrupted run left behind.
+// Command demo runs vnetbpf on a simulated Azure: a VNet fabric namespace, a fake ARM and
+// IMDS, two nodes each with a real vnetbpf-agent on the azure provider, and six containers
+// added through libcni with the real CNI plugin. The pools start with only the primary
+// address and grow through ARM; the demo prints that growth, a connectivity matrix it
+// measures, what the agent and bpftool show, and the pools shrinking back, then removes
+// everything. `demo -down` removes what an interrupted run left behind.
 package main
 
 import (
@@ -21,6 +23,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/containernetworking/cni/libcni"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/ns"
 	cnitestutils "github.com/containernetworking/plugins/pkg/testutils"
@@ -33,9 +36,9 @@ const workDir = "/run/vnetbpf-demo"
 
 // resources is what a run created, written as it goes so that -down can remove it.
 type resources struct {
-	Netns    []string `json:"netns"`
-	AgentPID int      `json:"agentPID"`
-	BPFRoot  string   `json:"bpfRoot"`
+	Netns     []string `json:"netns"`
+	AgentPIDs []int    `json:"agentPIDs"`
+	BPFRoots  []string `json:"bpfRoots"`
 }
 
 func (r *resources) save() {
@@ -81,6 +84,8 @@ type ctr struct {
 	name string
 	ns   ns.NetNS
 	ip   netip.Addr
+	node *demoNode
+	rt   *libcni.RuntimeConf
 }
 
 func run(ctx context.Context) error {
@@ -99,100 +104,159 @@ func run(ctx context.Context) error {
 	}
 	defer os.RemoveAll(bin)
 
-	step("creating the simulated VNet 10.0.0.0/16 (gateway 10.0.0.1) and node1 (eth0 10.0.0.4)")
-	fabric, err := e2e.NewFabric(netip.MustParsePrefix("10.0.0.0/16"))
+	step("creating a simulated Azure: VNet 10.0.0.0/16 (gateway 10.0.0.1), a fake ARM and a fake IMDS")
+	sim, err := e2e.NewAzureSim(workDir, netip.MustParsePrefix("10.0.0.0/16"))
 	if err != nil {
 		return err
 	}
-	res.Netns = append(res.Netns, fabric.NS.Path())
+	defer sim.ARM.Close()
+	res.Netns = append(res.Netns, sim.Fabric.NS.Path())
 	res.save()
-	mac, _ := net.ParseMAC("02:00:0a:00:00:04")
-	node, err := fabric.AddNode("node1", mac, netip.MustParseAddr("10.0.0.4"))
-	if err != nil {
-		return err
-	}
-	res.Netns = append(res.Netns, node.NS.Path())
-	res.save()
-
-	pool := netip.MustParsePrefix("10.0.1.0/28")
-	step("giving node1's NIC the IP configurations of the static pool %s", pool)
-	for ip := pool.Addr().Next(); pool.Contains(ip.Next()); ip = ip.Next() {
-		if err := fabric.AddIPConfig(node, ip); err != nil {
-			return err
-		}
-	}
-
-	step("starting vnetbpf-agent in node1")
-	cfg := e2e.NewAgentConfig(node, workDir, []string{pool.String()})
-	cfg.BPFRoot = "/sys/fs/bpf/vnetbpf-demo"
-	res.BPFRoot = cfg.BPFRoot
-	res.save()
-	agent, err := e2e.StartAgent(node, workDir, cfg)
-	if err != nil {
-		return err
-	}
-	res.AgentPID = agent.PID()
-	res.save()
-	step("agent ready (datapath loaded, from_vnet attached to eth0)")
-
-	conflist := fmt.Sprintf(`{"cniVersion":"1.1.0","name":"vnet","plugins":[{"type":"vnetbpf","agentSocket":%q}]}`, cfg.Socket)
-	cni, err := e2e.NewCNI(node, []byte(conflist), filepath.Join(workDir, "cni-cache"), bin)
-	if err != nil {
-		return err
-	}
-	var ctrs []*ctr
-	for i := 1; i <= 4; i++ {
-		n, err := cnitestutils.NewNS()
+	var nodes []*demoNode
+	for i, name := range []string{"node1", "node2"} {
+		mac, _ := net.ParseMAC(fmt.Sprintf("02:00:0a:00:00:%02x", 4+i))
+		an, err := sim.AddNode(name, mac, netip.AddrFrom4([4]byte{10, 0, 0, byte(4 + i)}))
 		if err != nil {
 			return err
 		}
-		res.Netns = append(res.Netns, n.Path())
+		res.Netns = append(res.Netns, an.NS.Path())
 		res.save()
-		c := &ctr{name: fmt.Sprintf("c%d", i), ns: n}
-		rt := e2e.Runtime("demo-"+c.name, n.Path(), "eth0", "demo", c.name)
-		start := time.Now()
-		r, err := cni.Add(ctx, rt)
+		nodes = append(nodes, &demoNode{AzureNode: an})
+		step("%s: VM with NIC %s, primary address %s and no other IP configuration", name, an.NICName, an.Primary)
+	}
+
+	for _, n := range nodes {
+		dir := filepath.Join(workDir, n.Name)
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return err
+		}
+		cfg := sim.AgentConfig(n.AzureNode, dir)
+		cfg.BPFRoot = "/sys/fs/bpf/vnetbpf-demo-" + n.Name
+		cfg.IPAM.Cooldown.Duration = 2 * time.Second
+		res.BPFRoots = append(res.BPFRoots, cfg.BPFRoot)
+		res.save()
+		a, err := e2e.StartAgent(n.Node, dir, cfg)
 		if err != nil {
-			return fmt.Errorf("CNI ADD %s: %w", c.name, err)
+			return err
+		}
+		n.agent = a
+		res.AgentPIDs = append(res.AgentPIDs, a.PID())
+		res.save()
+		conflist := fmt.Sprintf(`{"cniVersion":"1.1.0","name":"vnet","plugins":[{"type":"vnetbpf","agentSocket":%q}]}`, cfg.Socket)
+		if n.cni, err = e2e.NewCNI(n.Node, []byte(conflist), filepath.Join(dir, "cni-cache"), bin); err != nil {
+			return err
+		}
+		step("%s: vnetbpf-agent ready (ipam.provider azure: minFree %d, batch %d, maxFree %d)", n.Name,
+			cfg.IPAM.Azure.MinFree, cfg.IPAM.Azure.Batch, cfg.IPAM.Azure.MaxFree)
+	}
+	if err := waitPools(ctx, sim, nodes, "the agents warm their pools through ARM", func(secondaries int) bool { return secondaries >= 2 }); err != nil {
+		return err
+	}
+
+	var ctrs []*ctr
+	for i := 1; i <= 6; i++ {
+		n := nodes[(i-1)/3]
+		netns, err := cnitestutils.NewNS()
+		if err != nil {
+			return err
+		}
+		res.Netns = append(res.Netns, netns.Path())
+		res.save()
+		c := &ctr{name: fmt.Sprintf("c%d", i), ns: netns, node: n}
+		rt := e2e.Runtime("demo-"+c.name, netns.Path(), "eth0", "demo", c.name)
+		start := time.Now()
+		r, err := n.cni.Add(ctx, rt)
+		if err != nil {
+			return fmt.Errorf("CNI ADD %s on %s: %w", c.name, n.Name, err)
 		}
 		cr, err := current.NewResultFromResult(r)
 		if err != nil {
 			return err
 		}
 		c.ip, _ = netip.AddrFromSlice(cr.IPs[0].Address.IP.To4())
-		step("CNI ADD %s -> %s (%s)", c.name, c.ip, time.Since(start).Round(100*time.Microsecond))
+		step("CNI ADD %s on %s -> %s (%s); %s's NIC now has %d IP configurations", c.name, n.Name, c.ip,
+			time.Since(start).Round(time.Millisecond), n.Name, nicConfigs(sim, n))
 		ctrs = append(ctrs, c)
-		defer cni.Del(context.Background(), rt)
+		c.rt = rt
 	}
 
-	fmt.Println("\n== vnetbpf-agent endpoints list")
-	show(exec.Command(filepath.Join(bin, "vnetbpf-agent"), "--socket", cfg.Socket, "endpoints", "list"))
+	fmt.Println("\n== vnetbpf-agent ipam show (node1)")
+	show(exec.Command(filepath.Join(bin, "vnetbpf-agent"), "--socket", nodes[0].agent.Config.Socket, "ipam", "show"))
 
-	step("measuring connectivity: 3 pings per pair, node ip_forward=0, so only the eBPF programs forward")
-	if err := matrix(ctx, fabric, node, ctrs); err != nil {
+	step("measuring connectivity: 3 pings per pair; nodes run with ip_forward=0, so only the eBPF programs forward")
+	if err := matrix(ctx, sim.Fabric, nodes, ctrs); err != nil {
 		return err
 	}
 
-	fmt.Println("\n== vnetbpf-agent endpoints list (packet counts after the matrix)")
-	show(exec.Command(filepath.Join(bin, "vnetbpf-agent"), "--socket", cfg.Socket, "endpoints", "list"))
-	fmt.Println("\n== vnetbpf-agent ipam show")
-	show(exec.Command(filepath.Join(bin, "vnetbpf-agent"), "--socket", cfg.Socket, "ipam", "show"))
-	fmt.Printf("\n== bpftool map dump pinned %s/endpoints (first entry)\n", cfg.BPFRoot)
+	fmt.Println("\n== vnetbpf-agent endpoints list (node1, packet counts after the matrix)")
+	show(exec.Command(filepath.Join(bin, "vnetbpf-agent"), "--socket", nodes[0].agent.Config.Socket, "endpoints", "list"))
+	root := nodes[0].agent.Config.BPFRoot
+	fmt.Printf("\n== bpftool map dump pinned %s/endpoints (first entry)\n", root)
 	if _, err := exec.LookPath("bpftool"); err == nil {
-		out, _ := exec.Command("bpftool", "map", "dump", "pinned", cfg.BPFRoot+"/endpoints").CombinedOutput()
-		fmt.Println(firstEntry(string(out)))
-		fmt.Printf("\n== bpftool map dump pinned %s/stats (summed per reason by the agent's /metrics)\n", cfg.BPFRoot)
-		out, _ = exec.Command("bpftool", "map", "dump", "pinned", cfg.BPFRoot+"/stats").CombinedOutput()
+		out, _ := exec.Command("bpftool", "map", "dump", "pinned", root+"/endpoints").CombinedOutput()
 		fmt.Println(firstEntry(string(out)))
 	} else {
 		fmt.Println("(bpftool is not installed: apt-get install bpftool)")
 	}
 	fmt.Println()
-	return nil
+
+	for _, c := range ctrs {
+		if err := c.node.cni.Del(ctx, c.rt); err != nil {
+			return fmt.Errorf("CNI DEL %s: %w", c.name, err)
+		}
+	}
+	step("CNI DEL of all six containers; their addresses cool down for 2 s, then the pools give the surplus back")
+	return waitPools(ctx, sim, nodes, "the pools shrink back to maxFree", func(secondaries int) bool { return secondaries <= 4 })
+}
+
+type demoNode struct {
+	*e2e.AzureNode
+	agent *e2e.Agent
+	cni   *e2e.CNI
+}
+
+func nicConfigs(sim *e2e.AzureSim, n *demoNode) int {
+	st, _ := sim.ARM.NIC(e2e.SimSubscription, e2e.SimResourceGroup, n.NICName)
+	return len(st.IPConfigurations)
+}
+
+// waitPools shows each NIC's IP configurations, as ARM has them, until ok holds for every
+// node's secondary count.
+func waitPools(ctx context.Context, sim *e2e.AzureSim, nodes []*demoNode, what string, ok func(secondaries int) bool) error {
+	deadline := time.Now().Add(60 * time.Second)
+	last := ""
+	for {
+		var parts []string
+		done := true
+		for _, n := range nodes {
+			c := nicConfigs(sim, n)
+			p, err := n.agent.Client().Pool(ctx)
+			if err != nil {
+				return err
+			}
+			parts = append(parts, fmt.Sprintf("%s: %d IP configurations, pool %d free/%d used/%d cooling", n.Name, c, p.Free, p.Used, p.Cooling))
+			done = done && ok(c-1)
+		}
+		if line := strings.Join(parts, "; "); line != last {
+			step("%s: %s", what, line)
+			last = line
+		}
+		if done {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out: %s", what)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 // matrix pings every destination from every source and prints what it measured.
-func matrix(ctx context.Context, fabric *e2e.Fabric, node *e2e.Node, ctrs []*ctr) error {
+func matrix(ctx context.Context, fabric *e2e.Fabric, nodes []*demoNode, ctrs []*ctr) error {
 	type end struct {
 		name string
 		ns   ns.NetNS
@@ -200,9 +264,12 @@ func matrix(ctx context.Context, fabric *e2e.Fabric, node *e2e.Node, ctrs []*ctr
 	}
 	var srcs, dsts []end
 	for _, c := range ctrs {
-		srcs = append(srcs, end{c.name + " " + c.ip.String(), c.ns, c.ip})
+		srcs = append(srcs, end{c.name + " " + c.ip.String() + " (" + c.node.Name + ")", c.ns, c.ip})
 	}
-	srcs = append(srcs, end{"node1 " + node.Primary.String(), node.NS, node.Primary}, end{"fabric " + fabric.Gateway.String(), fabric.NS, fabric.Gateway})
+	for _, n := range nodes {
+		srcs = append(srcs, end{n.Name + " " + n.Primary.String(), n.NS, n.Primary})
+	}
+	srcs = append(srcs, end{"fabric " + fabric.Gateway.String(), fabric.NS, fabric.Gateway})
 	dsts = srcs
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprint(w, "\nfrom \\ to")
@@ -235,7 +302,7 @@ func matrix(ctx context.Context, fabric *e2e.Fabric, node *e2e.Node, ctrs []*ctr
 	if failed > 0 {
 		return fmt.Errorf("%d pairs did not connect", failed)
 	}
-	fmt.Println("\nevery pair answered: container<->container (redirect_peer), container<->fabric (fib + redirect out of eth0), node<->container (host route)")
+	fmt.Println("\nevery pair answered: containers on one node (redirect_peer), across nodes and to the fabric (out of eth0 with the NIC's MAC, then the fabric's route for the IP configuration ARM created), node<->container (host route)")
 	return nil
 }
 
@@ -273,10 +340,10 @@ func teardown() error {
 	if err := json.Unmarshal(b, &res); err != nil {
 		return fmt.Errorf("%s/resources.json: %w", workDir, err)
 	}
-	if res.AgentPID > 0 {
-		if p, err := os.FindProcess(res.AgentPID); err == nil {
+	for _, pid := range res.AgentPIDs {
+		if p, err := os.FindProcess(pid); err == nil {
 			p.Signal(syscall.SIGTERM)
-			waitGone(res.AgentPID, 5*time.Second)
+			waitGone(pid, 5*time.Second)
 		}
 	}
 	// Containers first: their veths go with their namespaces.
@@ -285,8 +352,8 @@ func teardown() error {
 		syscall.Unmount(path, syscall.MNT_DETACH)
 		os.Remove(path)
 	}
-	if res.BPFRoot != "" {
-		os.RemoveAll(res.BPFRoot)
+	for _, root := range res.BPFRoots {
+		os.RemoveAll(root)
 	}
 	return os.RemoveAll(workDir)
 }
