@@ -26,6 +26,9 @@
 #define ARPOP_REQUEST 1
 #define ARPOP_REPLY 2
 
+/* 169.254.169.254: Azure's Instance Metadata Service (and its token endpoint). */
+#define IMDS_ADDR 0xa9fea9fe
+
 char __license[] SEC("license") = "Dual BSD/GPL";
 
 struct {
@@ -57,7 +60,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32); /* enum stat_reason: array keys must be plain integers for BTF */
 	__type(value, struct stat);
-	__uint(max_entries, STAT_REASON_MAX);
+	__uint(max_entries, MAX_STAT_REASONS);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
 
@@ -81,6 +84,7 @@ struct {
 const struct drop_event *unused_drop_event __attribute__((unused));
 const enum stat_reason *unused_stat_reason __attribute__((unused));
 const enum vnet_cidr_flags *unused_vnet_cidr_flags __attribute__((unused));
+const enum node_config_flags *unused_node_config_flags __attribute__((unused));
 
 /* ARP for IPv4 over Ethernet, the only kind the programs accept. */
 struct arp_eth {
@@ -367,6 +371,8 @@ int from_container(struct __sk_buff *skb)
 	}
 
 	cfg = bpf_map_lookup_elem(&config, &zero);
+	if (p.ip->daddr == bpf_htonl(IMDS_ADDR) && !(cfg && cfg->flags & CONFIG_F_ALLOW_IMDS))
+		return drop(skb, &p, DROP_IMDS);
 	if (!cfg || !cfg->nic_ifindex)
 		return pass(skb, PASS_TO_STACK);
 	vkey.prefixlen = 32;

@@ -9,6 +9,9 @@
 
 #define MAX_ENDPOINTS 65536
 #define MAX_VNET_CIDRS 1024
+/* Room in the stats map for reasons added later: a map whose size changes cannot be reused
+ * across an upgrade, and reusing the pinned maps is what keeps forwarding going. */
+#define MAX_STAT_REASONS 64
 
 /* Key of the endpoints map: a container's VNet address. */
 struct endpoint_key {
@@ -42,10 +45,17 @@ struct vnet_cidr {
 	__u32 flags;
 };
 
+/* Bits of node_config.flags. */
+enum node_config_flags {
+	/* Let containers reach the Instance Metadata Service. Off by default: a pod that
+	 * reaches IMDS can take the node's managed identity. */
+	CONFIG_F_ALLOW_IMDS = 0x1,
+};
+
 /* The node's single config entry; the agent may rewrite it at any time. */
 struct node_config {
 	__u32 nic_ifindex; /* 0 until the agent has attached to the NIC */
-	__u32 flags;       /* reserved, 0 */
+	__u32 flags;       /* enum node_config_flags */
 	__u8 nic_mac[6];   /* Azure accepts only the NIC's own MAC as a source */
 	__u8 _pad[2];
 };
@@ -66,6 +76,7 @@ enum stat_reason {
 	DROP_ARP_SPOOFED,    /* ARP whose sender IP or MAC is not the container's own */
 	DROP_TTL_EXCEEDED,   /* TTL would reach 0 */
 	DROP_NO_ROUTE,       /* the FIB says blackhole, unreachable or prohibited */
+	DROP_IMDS,           /* container -> 169.254.169.254 while CONFIG_F_ALLOW_IMDS is off */
 	STAT_REASON_MAX,
 };
 

@@ -211,6 +211,7 @@ stops the datapath: containers keep forwarding. Flags override the config file.`
 	f.StringSlice("vnet-cidrs", nil, "VNet prefixes reached through the NIC (comma-separated)")
 	f.StringSlice("static-addresses", nil, "addresses or CIDRs of the static pool (comma-separated)")
 	f.Duration("cooldown", d.IPAM.Cooldown.Duration, "how long a released address rests before reuse")
+	f.Bool("allow-imds", d.AllowIMDS, "let containers reach the Instance Metadata Service (169.254.169.254)")
 	f.String("log-format", d.LogFormat, "json or text")
 	f.String("log-level", d.LogLevel, "debug, info, warn or error")
 	return cmd
@@ -238,6 +239,9 @@ func applyFlags(cmd *cobra.Command, cfg *agent.Config) error {
 	}
 	if f.Changed("static-addresses") {
 		cfg.IPAM.Static.Addresses, _ = f.GetStringSlice("static-addresses")
+	}
+	if f.Changed("allow-imds") {
+		cfg.AllowIMDS, _ = f.GetBool("allow-imds")
 	}
 	if f.Changed("cooldown") {
 		cfg.IPAM.Cooldown.Duration, _ = f.GetDuration("cooldown")

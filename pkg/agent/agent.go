@@ -213,7 +213,11 @@ func (a *Agent) setupNIC() error {
 	if err != nil {
 		return fmt.Errorf("nic %s: %w", a.cfg.NIC, err)
 	}
-	if err := a.maps.SetConfig(maps.NodeConfig{NicIfindex: uint32(attrs.Index), NicMac: mac}); err != nil {
+	var flags uint32
+	if a.cfg.AllowIMDS {
+		flags |= uint32(loader.DatapathNodeConfigFlagsCONFIG_F_ALLOW_IMDS)
+	}
+	if err := a.maps.SetConfig(maps.NodeConfig{NicIfindex: uint32(attrs.Index), NicMac: mac, Flags: flags}); err != nil {
 		return err
 	}
 	if err := a.syncVNetCIDRs(); err != nil {

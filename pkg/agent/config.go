@@ -40,6 +40,9 @@ type Config struct {
 	VNetCIDRs []string `json:"vnetCIDRs"`
 	// MTU of container interfaces; 0 takes the NIC's.
 	MTU int `json:"mtu"`
+	// AllowIMDS lets containers reach the Instance Metadata Service at 169.254.169.254.
+	// Off by default: a pod that reaches IMDS can take the node's managed identity.
+	AllowIMDS bool `json:"allowIMDS"`
 	// LogFormat is json or text.
 	LogFormat string `json:"logFormat"`
 	// LogLevel is debug, info, warn or error.

@@ -59,6 +59,12 @@ type DatapathNodeConfig struct {
 	Pad        [2]uint8
 }
 
+type DatapathNodeConfigFlags uint32
+
+const (
+	DatapathNodeConfigFlagsCONFIG_F_ALLOW_IMDS DatapathNodeConfigFlags = 1
+)
+
 type DatapathStat struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -82,7 +88,8 @@ const (
 	DatapathStatReasonDROP_ARP_SPOOFED  DatapathStatReason = 11
 	DatapathStatReasonDROP_TTL_EXCEEDED DatapathStatReason = 12
 	DatapathStatReasonDROP_NO_ROUTE     DatapathStatReason = 13
-	DatapathStatReasonSTAT_REASON_MAX   DatapathStatReason = 14
+	DatapathStatReasonDROP_IMDS         DatapathStatReason = 14
+	DatapathStatReasonSTAT_REASON_MAX   DatapathStatReason = 15
 )
 
 type DatapathVnetCidr struct {
@@ -106,17 +113,18 @@ type DatapathVnetKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	DatapathMapConfig              = "config"
-	DatapathMapEndpointStats       = "endpoint_stats"
-	DatapathMapEndpoints           = "endpoints"
-	DatapathMapEvents              = "events"
-	DatapathMapStats               = "stats"
-	DatapathMapVnetCidrs           = "vnet_cidrs"
-	DatapathProgFromContainer      = "from_container"
-	DatapathProgFromVnet           = "from_vnet"
-	DatapathVarUnusedDropEvent     = "unused_drop_event"
-	DatapathVarUnusedStatReason    = "unused_stat_reason"
-	DatapathVarUnusedVnetCidrFlags = "unused_vnet_cidr_flags"
+	DatapathMapConfig                = "config"
+	DatapathMapEndpointStats         = "endpoint_stats"
+	DatapathMapEndpoints             = "endpoints"
+	DatapathMapEvents                = "events"
+	DatapathMapStats                 = "stats"
+	DatapathMapVnetCidrs             = "vnet_cidrs"
+	DatapathProgFromContainer        = "from_container"
+	DatapathProgFromVnet             = "from_vnet"
+	DatapathVarUnusedDropEvent       = "unused_drop_event"
+	DatapathVarUnusedNodeConfigFlags = "unused_node_config_flags"
+	DatapathVarUnusedStatReason      = "unused_stat_reason"
+	DatapathVarUnusedVnetCidrFlags   = "unused_vnet_cidr_flags"
 )
 
 // LoadDatapath returns the embedded CollectionSpec for Datapath.
@@ -181,9 +189,10 @@ type DatapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathVariableSpecs struct {
-	UnusedDropEvent     *ebpf.VariableSpec `ebpf:"unused_drop_event"`
-	UnusedStatReason    *ebpf.VariableSpec `ebpf:"unused_stat_reason"`
-	UnusedVnetCidrFlags *ebpf.VariableSpec `ebpf:"unused_vnet_cidr_flags"`
+	UnusedDropEvent       *ebpf.VariableSpec `ebpf:"unused_drop_event"`
+	UnusedNodeConfigFlags *ebpf.VariableSpec `ebpf:"unused_node_config_flags"`
+	UnusedStatReason      *ebpf.VariableSpec `ebpf:"unused_stat_reason"`
+	UnusedVnetCidrFlags   *ebpf.VariableSpec `ebpf:"unused_vnet_cidr_flags"`
 }
 
 // DatapathObjects contains all objects after they have been loaded into the kernel.
@@ -229,9 +238,10 @@ func (m *DatapathMaps) Close() error {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathVariables struct {
-	UnusedDropEvent     *ebpf.Variable `ebpf:"unused_drop_event"`
-	UnusedStatReason    *ebpf.Variable `ebpf:"unused_stat_reason"`
-	UnusedVnetCidrFlags *ebpf.Variable `ebpf:"unused_vnet_cidr_flags"`
+	UnusedDropEvent       *ebpf.Variable `ebpf:"unused_drop_event"`
+	UnusedNodeConfigFlags *ebpf.Variable `ebpf:"unused_node_config_flags"`
+	UnusedStatReason      *ebpf.Variable `ebpf:"unused_stat_reason"`
+	UnusedVnetCidrFlags   *ebpf.Variable `ebpf:"unused_vnet_cidr_flags"`
 }
 
 // DatapathPrograms contains all programs after they have been loaded into the kernel.

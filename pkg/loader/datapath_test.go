@@ -30,6 +30,7 @@ var (
 	nicIP     = netip.MustParseAddr("10.0.0.4")
 	remoteIP  = netip.MustParseAddr("10.0.5.5")  // in the VNet, reached through the NIC
 	outsideIP = netip.MustParseAddr("192.0.2.9") // not in the VNet: the host stack's business
+	imdsIP    = netip.MustParseAddr("169.254.169.254")
 	nicMAC    = mustMAC("02:00:00:00:00:04")
 	neighMAC  = mustMAC("02:00:00:00:05:05")
 )
@@ -258,17 +259,22 @@ func (h host) hwaddr() net.HardwareAddr { return h.hw }
 
 func TestFromContainerLocalDelivery(t *testing.T) {
 	f := newFixture(t)
+	// The stated rule for IP options and fragments: both are forwarded like any packet, with
+	// the same source checks; only the first fragment carries ports.
 	for _, opts := range []struct {
 		name    string
 		options []layers.IPv4Option
+		frag    uint16
 	}{
-		{"plain", nil},
+		{"plain", nil, 0},
 		// Options change the header length, which the checksum rewrite must not depend on.
-		{"ip options", []layers.IPv4Option{{OptionType: 1}, {OptionType: 1}, {OptionType: 1}, {OptionType: 0}}},
+		{"ip options", []layers.IPv4Option{{OptionType: 1}, {OptionType: 1}, {OptionType: 1}, {OptionType: 0}}, 0},
+		{"a later fragment", nil, 185},
 	} {
 		t.Run(opts.name, func(t *testing.T) {
 			p := udp(f.a, host{f.b.ip, f.a.hostMAC})
 			p.Options = opts.options
+			p.FragOffset = opts.frag
 			in := p.Frame()
 			before, _ := f.m.ReadEndpointStat(f.b.id)
 			var ret uint32
@@ -351,7 +357,6 @@ func TestFromContainerToStack(t *testing.T) {
 	f := newFixture(t)
 	for name, dst := range map[string]netip.Addr{
 		"outside the VNet": outsideIP,
-		"the node's IMDS":  netip.MustParseAddr("169.254.169.254"),
 		// In the VNet prefix, but the node's own: its host entry in vnet_cidrs wins the
 		// longest match, whether or not the node forwards.
 		"the node's NIC": nicIP,
@@ -369,6 +374,20 @@ func TestFromContainerToStack(t *testing.T) {
 			})
 		})
 	}
+	t.Run("IMDS when allowed", func(t *testing.T) {
+		mac, _ := maps.MAC(nicMAC)
+		allow := uint32(loader.DatapathNodeConfigFlagsCONFIG_F_ALLOW_IMDS)
+		if err := f.m.SetConfig(maps.NodeConfig{NicIfindex: uint32(f.nicIdx), NicMac: mac, Flags: allow}); err != nil {
+			t.Fatal(err)
+		}
+		defer f.m.SetConfig(maps.NodeConfig{NicIfindex: uint32(f.nicIdx), NicMac: mac})
+		in := udp(f.a, host{imdsIP, f.a.hostMAC}).Frame()
+		f.expectCounted(loader.DatapathStatReasonPASS_TO_STACK, func() {
+			if ret, _ := f.fromContainer(f.a, in); ret != actOK {
+				t.Fatalf("verdict %d, want pass", ret)
+			}
+		})
+	})
 	t.Run("no config yet", func(t *testing.T) {
 		if err := f.m.SetConfig(maps.NodeConfig{}); err != nil {
 			t.Fatal(err)
@@ -393,9 +412,17 @@ func TestFromContainerDrops(t *testing.T) {
 		{"source IP of nobody", udp(stranger, f.b).Frame(), loader.DatapathStatReasonDROP_SPOOFED_IP},
 		{"source IP of another container", udp(host{f.b.ip, f.a.mac}, host{remoteIP, nil}).Frame(), loader.DatapathStatReasonDROP_SPOOFED_IP},
 		{"source MAC not its own", udp(host{f.a.ip, mustMAC("02:de:ad:be:ef:00")}, f.b).Frame(), loader.DatapathStatReasonDROP_SPOOFED_MAC},
+		{"a spoofed later fragment", func() []byte { p := udp(stranger, f.b); p.FragOffset = 185; return p.Frame() }(), loader.DatapathStatReasonDROP_SPOOFED_IP},
 		{"TTL 1 to a local container", func() []byte { p := udp(f.a, f.b); p.TTL = 1; return p.Frame() }(), loader.DatapathStatReasonDROP_TTL_EXCEEDED},
 		{"TTL 1 to the VNet", func() []byte { p := udp(f.a, host{remoteIP, nil}); p.TTL = 1; return p.Frame() }(), loader.DatapathStatReasonDROP_TTL_EXCEEDED},
 		{"IPv6", ethOnly(f.a.mac, 0x86dd, 60), loader.DatapathStatReasonDROP_UNSUPPORTED},
+		// A pod that reaches IMDS can take the node's managed identity.
+		{"to IMDS", udp(f.a, host{imdsIP, f.a.hostMAC}).Frame(), loader.DatapathStatReasonDROP_IMDS},
+		{"to IMDS with IP options", func() []byte {
+			p := udp(f.a, host{imdsIP, f.a.hostMAC})
+			p.Options = []layers.IPv4Option{{OptionType: 1}, {OptionType: 1}, {OptionType: 1}, {OptionType: 0}}
+			return p.Frame()
+		}(), loader.DatapathStatReasonDROP_IMDS},
 		{"VLAN tag", ethOnly(f.a.mac, 0x8100, 60), loader.DatapathStatReasonDROP_UNSUPPORTED},
 	}
 	for _, c := range cases {
