@@ -78,7 +78,7 @@ func newAdder(conf *NetConf, args *skel.CmdArgs, log *slog.Logger) (*adder, erro
 }
 
 func (a *adder) run() error {
-	hostName := HostVethName(a.owner.Key)
+	hostName := api.HostVethName(a.owner.Key)
 	if err := a.refuseExisting(hostName); err != nil {
 		return err
 	}

@@ -11,6 +11,8 @@ import (
 	"github.com/containernetworking/cni/libcni"
 	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
+
+	"github.com/vnetbpf/vnetbpf/pkg/api"
 )
 
 // TestChainWithPortmapAndBandwidth runs vnetbpf as the first link of a conflist through
@@ -59,7 +61,7 @@ func TestChainWithPortmapAndBandwidth(t *testing.T) {
 			return fmt.Errorf("chained result %v (err %v), want vnetbpf's 10.1.0.10/32", r, err)
 		}
 		// bandwidth shapes traffic into the container with a tbf qdisc on the host veth.
-		host, err := netlink.LinkByName(HostVethName(key(e.args("chained", nil))))
+		host, err := netlink.LinkByName(api.HostVethName(key(e.args("chained", nil))))
 		if err != nil {
 			return err
 		}

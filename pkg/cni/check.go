@@ -72,7 +72,7 @@ func expected(conf *NetConf, key api.Key) (*wiring, error) {
 	if err != nil {
 		return nil, types.NewError(types.ErrDecodingFailure, "cannot convert prevResult", err.Error())
 	}
-	w := &wiring{ifName: key.IfName, hostName: HostVethName(key)}
+	w := &wiring{ifName: key.IfName, hostName: api.HostVethName(key)}
 	cont, host := -1, -1
 	for i, iface := range prev.Interfaces {
 		var mac *net.HardwareAddr

@@ -71,7 +71,7 @@ func removeVeths(netnsPath string, k api.Key, log *slog.Logger) error {
 			log.Warn("cannot delete the container's interface", "netns", netnsPath, "err", err)
 		}
 	}
-	return deleteLink(HostVethName(k))
+	return deleteLink(api.HostVethName(k))
 }
 
 // deleteInNetns deletes ifName inside the namespace at path; a namespace that is gone (the

@@ -199,8 +199,8 @@ func (e *testEnv) assertResult(args *skel.CmdArgs, res *current.Result, ip netip
 	t.Helper()
 	k := key(args)
 	wantIfaces := []current.Interface{
-		{Name: HostVethName(k), Mac: hostMAC(k).String()},
-		{Name: "eth0", Mac: containerMAC(k).String(), Sandbox: e.cont.Path()},
+		{Name: api.HostVethName(k), Mac: api.HostMAC(k).String()},
+		{Name: "eth0", Mac: api.ContainerMAC(k).String(), Sandbox: e.cont.Path()},
 	}
 	if len(res.Interfaces) != 2 {
 		t.Fatalf("result interfaces %v, want 2", res.Interfaces)
@@ -239,7 +239,7 @@ func (e *testEnv) assertChainable(args *skel.CmdArgs, res *current.Result, hostI
 	if err != nil || peer != hostIndex {
 		t.Errorf("container veth peer index %d (err %v), host veth index %d", peer, err, hostIndex)
 	}
-	if res.Interfaces[0].Sandbox != "" || res.Interfaces[0].Name != HostVethName(key(args)) {
+	if res.Interfaces[0].Sandbox != "" || res.Interfaces[0].Name != api.HostVethName(key(args)) {
 		t.Errorf("bandwidth cannot find the host veth in %v", res.Interfaces)
 	}
 	ipIface := res.Interfaces[*res.IPs[0].Interface]
@@ -266,18 +266,18 @@ func (e *testEnv) assertWired(args *skel.CmdArgs, ip netip.Addr, mtu int) int {
 	// keep the test from trusting them blindly.
 	e.cont.Do(func(ns.NetNS) error {
 		l, err := netlink.LinkByName(args.IfName)
-		if err != nil || l.Type() != "veth" || l.Attrs().MTU != mtu || !bytes.Equal(l.Attrs().HardwareAddr, containerMAC(k)) {
-			p.addf("container link %v (err %v), want veth mtu %d mac %s", l, err, mtu, containerMAC(k))
+		if err != nil || l.Type() != "veth" || l.Attrs().MTU != mtu || !bytes.Equal(l.Attrs().HardwareAddr, api.ContainerMAC(k)) {
+			p.addf("container link %v (err %v), want veth mtu %d mac %s", l, err, mtu, api.ContainerMAC(k))
 			return nil
 		}
 		neighs, _ := netlink.NeighList(l.Attrs().Index, netlink.FAMILY_V4)
-		if len(neighs) != 1 || neighs[0].State != netlink.NUD_PERMANENT || neighs[0].HardwareAddr.String() != hostMAC(k).String() {
-			p.addf("container neighbours %v, want one permanent entry for %s", neighs, hostMAC(k))
+		if len(neighs) != 1 || neighs[0].State != netlink.NUD_PERMANENT || neighs[0].HardwareAddr.String() != api.HostMAC(k).String() {
+			p.addf("container neighbours %v, want one permanent entry for %s", neighs, api.HostMAC(k))
 		}
 		return nil
 	})
 	e.inHost(func() error {
-		l, err := netlink.LinkByName(HostVethName(k))
+		l, err := netlink.LinkByName(api.HostVethName(k))
 		if err != nil || l.Attrs().MTU != mtu || l.Attrs().OperState != netlink.OperUp {
 			p.addf("host veth %v (err %v), want mtu %d and operationally up", l, err, mtu)
 		}
@@ -285,8 +285,8 @@ func (e *testEnv) assertWired(args *skel.CmdArgs, ip netip.Addr, mtu int) int {
 	})
 	_, endpoints, _ := e.agent.snapshot()
 	ep, ok := endpoints[k]
-	want := api.EndpointRequest{Owner: ep.Owner, IP: ip, HostIfName: HostVethName(k), HostIfIndex: hostIndex,
-		HostMAC: hostMAC(k).String(), ContainerMAC: containerMAC(k).String()}
+	want := api.EndpointRequest{Owner: ep.Owner, IP: ip, HostIfName: api.HostVethName(k), HostIfIndex: hostIndex,
+		HostMAC: api.HostMAC(k).String(), ContainerMAC: api.ContainerMAC(k).String()}
 	if !ok || ep.EndpointRequest != want {
 		p.addf("agent endpoint %+v (known %v), want %+v", ep.EndpointRequest, ok, want)
 	}
@@ -313,8 +313,8 @@ func (e *testEnv) assertHostClean(args *skel.CmdArgs, ip netip.Addr) {
 	t.Helper()
 	k := key(args)
 	e.inHost(func() error {
-		if l, err := netlink.LinkByName(HostVethName(k)); err == nil {
-			t.Errorf("host still has %s: %+v", HostVethName(k), l.Attrs())
+		if l, err := netlink.LinkByName(api.HostVethName(k)); err == nil {
+			t.Errorf("host still has %s: %+v", api.HostVethName(k), l.Attrs())
 		}
 		dst := &net.IPNet{IP: net.IP(ip.AsSlice()), Mask: net.CIDRMask(32, 32)}
 		if rs, _ := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Dst: dst}, netlink.RT_FILTER_DST); len(rs) > 0 {
@@ -342,13 +342,13 @@ func TestCheckReportsDrift(t *testing.T) {
 		return netlink.NeighDel(&netlink.Neigh{LinkIndex: l.Attrs().Index, IP: gatewayIP})
 	})
 	e.inHost(func() error {
-		l, _ := netlink.LinkByName(HostVethName(k))
+		l, _ := netlink.LinkByName(api.HostVethName(k))
 		return netlink.LinkSetDown(l)
 	})
 	e.agent.set(func(f *fakeAgent) { delete(f.endpoints, k) })
 
 	err := e.check(e.args("drift", withPrevResult(e, "1.1.0", out)))
-	wantCode(t, err, types.ErrInternal, "permanent neighbour 169.254.1.1", "host veth "+HostVethName(k)+" is down", "agent has no endpoint")
+	wantCode(t, err, types.ErrInternal, "permanent neighbour 169.254.1.1", "host veth "+api.HostVethName(k)+" is down", "agent has no endpoint")
 }
 
 func TestAddRollsBackWhenAgentRefusesEndpoint(t *testing.T) {
@@ -406,7 +406,7 @@ func TestSecondAddLeavesFirstIntact(t *testing.T) {
 	first := e.assertWired(args, ip, 1400)
 
 	_, _, err := e.add(args)
-	wantCode(t, err, types.ErrInvalidEnvironmentVariables, "already attached", "host veth "+HostVethName(key(args))+" exists")
+	wantCode(t, err, types.ErrInvalidEnvironmentVariables, "already attached", "host veth "+api.HostVethName(key(args))+" exists")
 	if again := e.assertWired(args, ip, 1400); again != first {
 		t.Errorf("host veth ifindex changed from %d to %d", first, again)
 	}
@@ -415,7 +415,7 @@ func TestSecondAddLeavesFirstIntact(t *testing.T) {
 	}
 
 	// With the veth gone by hand the agent's endpoint still owns the address.
-	e.inHost(func() error { return deleteLink(HostVethName(key(args))) })
+	e.inHost(func() error { return deleteLink(api.HostVethName(key(args))) })
 	_, _, err = e.add(args)
 	wantCode(t, err, types.ErrInvalidEnvironmentVariables, "already attached", "the agent has endpoint")
 	if allocs, _, released := e.agent.snapshot(); len(released) != 0 || allocs[key(args)].IP != ip {
@@ -428,7 +428,7 @@ func TestSecondAddLeavesFirstIntact(t *testing.T) {
 func TestAddLosingARaceReleasesNothing(t *testing.T) {
 	e := newTestEnv(t)
 	args := e.args("race", e.conf("1.1.0", nil))
-	name := HostVethName(key(args))
+	name := api.HostVethName(key(args))
 	var winner int
 	e.agent.set(func(f *fakeAgent) {
 		f.hook = func(_ http.ResponseWriter, r *http.Request) bool {
@@ -477,7 +477,7 @@ func TestAgentDown(t *testing.T) {
 		return nil
 	})
 	e.inHost(func() error {
-		if _, err := netlink.LinkByName(HostVethName(key(args))); err == nil {
+		if _, err := netlink.LinkByName(api.HostVethName(key(args))); err == nil {
 			t.Error("host veth still exists")
 		}
 		return nil
@@ -502,7 +502,7 @@ func TestDelReturnsAgentRefusal(t *testing.T) {
 	})
 	wantCode(t, e.del(args), api.CodeIOFailure, "state store is read-only")
 	e.inHost(func() error {
-		if _, err := netlink.LinkByName(HostVethName(key(args))); err == nil {
+		if _, err := netlink.LinkByName(api.HostVethName(key(args))); err == nil {
 			t.Error("host veth kept although the container is going away")
 		}
 		return nil

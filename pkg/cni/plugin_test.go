@@ -23,20 +23,20 @@ func TestHostVethNameAndMACs(t *testing.T) {
 	k := api.Key{ContainerID: "abc", IfName: "eth0"}
 	// Golden values from `echo -n abc/eth0 | sha256sum` and the same with the MAC salts, so
 	// a change of the derivation (which would orphan every existing veth on upgrade) fails.
-	if got := HostVethName(k); got != "vnb538f587a236" {
+	if got := api.HostVethName(k); got != "vnb538f587a236" {
 		t.Errorf("HostVethName = %q, want vnb538f587a236", got)
 	}
-	if got := hostMAC(k).String(); got != "02:e2:23:26:57:f9" {
+	if got := api.HostMAC(k).String(); got != "02:e2:23:26:57:f9" {
 		t.Errorf("hostMAC = %s, want 02:e2:23:26:57:f9", got)
 	}
-	if got := containerMAC(k).String(); got != "ea:95:67:f6:4f:e3" {
+	if got := api.ContainerMAC(k).String(); got != "ea:95:67:f6:4f:e3" {
 		t.Errorf("containerMAC = %s, want ea:95:67:f6:4f:e3", got)
 	}
 	long := api.Key{ContainerID: strings.Repeat("f", 64), IfName: "net1"}
-	if n := HostVethName(long); len(n) > 15 || n == HostVethName(api.Key{ContainerID: long.ContainerID, IfName: "eth0"}) {
-		t.Errorf("HostVethName(%v) = %q: longer than 15 bytes or not distinct per ifname", long, n)
+	if n := api.HostVethName(long); len(n) > 15 || n == api.HostVethName(api.Key{ContainerID: long.ContainerID, IfName: "eth0"}) {
+		t.Errorf("api.HostVethName(%v) = %q: longer than 15 bytes or not distinct per ifname", long, n)
 	}
-	for _, mac := range [][]byte{hostMAC(long), containerMAC(long)} {
+	for _, mac := range [][]byte{api.HostMAC(long), api.ContainerMAC(long)} {
 		if mac[0]&0x01 != 0 || mac[0]&0x02 == 0 {
 			t.Errorf("MAC %x is not a locally administered unicast address", mac)
 		}

@@ -32,11 +32,11 @@ type wiring struct {
 func newWiring(k api.Key, ip net.IP, mtu int) *wiring {
 	return &wiring{
 		ifName:       k.IfName,
-		hostName:     HostVethName(k),
+		hostName:     api.HostVethName(k),
 		ip:           ip.To4(),
 		mtu:          mtu,
-		hostMAC:      hostMAC(k),
-		containerMAC: containerMAC(k),
+		hostMAC:      api.HostMAC(k),
+		containerMAC: api.ContainerMAC(k),
 	}
 }
 
