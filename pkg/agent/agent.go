@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -48,8 +49,9 @@ type Agent struct {
 	mu        sync.Mutex               // serialises endpoint changes
 	endpoints map[api.Key]api.Endpoint // guarded by mu; mirrors store
 
-	ready   atomic.Bool
-	started time.Time
+	ready     atomic.Bool
+	started   time.Time
+	recovered bool // a state file was unreadable and rebuilt at start
 }
 
 type nicInfo struct {
@@ -156,7 +158,7 @@ func (a *Agent) setup(ctx context.Context) error {
 	if cooldown == 0 {
 		cooldown = -1 // ipam reads 0 as "default"; a configured 0s means none
 	}
-	pool, err := ipam.Open(filepath.Join(a.cfg.StateDir, "state.db"), ipam.Options{Cooldown: cooldown})
+	pool, err := a.openPool(filepath.Join(a.cfg.StateDir, "state.db"), ipam.Options{Cooldown: cooldown})
 	if err != nil {
 		return err
 	}
@@ -178,8 +180,11 @@ func (a *Agent) setup(ctx context.Context) error {
 			return err
 		}
 	}
-	if a.store, err = openEndpointStore(filepath.Join(a.cfg.StateDir, "endpoints.db")); err != nil {
+	if a.store, err = a.openStore(filepath.Join(a.cfg.StateDir, "endpoints.db")); err != nil {
 		return err
+	}
+	if err := a.rebuild(); err != nil {
+		return fmt.Errorf("rebuild from the kernel: %w", err)
 	}
 	if err := a.reconcile(); err != nil {
 		return fmt.Errorf("reconcile: %w", err)
@@ -200,7 +205,7 @@ func (a *Agent) setupNIC() error {
 	}
 	attrs := l.Attrs()
 	a.nic = nicInfo{name: attrs.Name, index: attrs.Index, mac: attrs.HardwareAddr, mtu: attrs.MTU}
-	addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+	addrs, err := netlinksafe.AddrList(l, netlink.FAMILY_V4)
 	if err != nil {
 		return fmt.Errorf("nic %s addresses: %w", a.cfg.NIC, err)
 	}

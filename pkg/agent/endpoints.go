@@ -167,6 +167,13 @@ func (a *Agent) putEndpoint(req api.EndpointRequest) (api.Endpoint, *apiError) {
 		}
 		ep.ID = id
 	}
+	// The key on the veth itself lets a later agent rebuild this endpoint from the kernel
+	// if its files are lost.
+	if l, err := netlink.LinkByName(req.HostIfName); err == nil {
+		if err := netlink.LinkSetAlias(l, api.VethAlias(req.Key)); err != nil {
+			return ep, internal(fmt.Errorf("label host veth %s: %w", req.HostIfName, err))
+		}
+	}
 	if err := a.store.put(ep); err != nil {
 		return ep, internal(fmt.Errorf("persist endpoint: %w", err))
 	}
@@ -372,6 +379,19 @@ func (a *Agent) reconcile() error {
 			return fmt.Errorf("restore endpoint %s: %w", ep.Key, err)
 		}
 		live[ep.HostIfName] = true
+	}
+
+	// An allocation without an endpoint belongs to an ADD that never finished: the agent died
+	// between the address and the endpoint, and the plugin's rollback (or the runtime's DEL)
+	// found no agent to release it. If no host veth for it exists either, nobody holds it.
+	for _, alloc := range a.pool.Allocations() {
+		if _, ok := a.endpoints[alloc.Key]; ok || linkExists(api.HostVethName(alloc.Key)) {
+			continue
+		}
+		if _, err := a.pool.Release(alloc.Key); err != nil {
+			return err
+		}
+		a.log.Info("released an allocation whose ADD never finished", "key", alloc.Key.String(), "ip", alloc.IP.String())
 	}
 
 	inMap, err := a.maps.ListEndpoints()

@@ -21,7 +21,13 @@ type endpointStore struct {
 	db *bolt.DB
 }
 
-func openEndpointStore(path string) (*endpointStore, error) {
+func openEndpointStore(path string) (s *endpointStore, err error) {
+	defer func() {
+		// bbolt trusts the pages it reads and panics on some garbage: a corrupt file.
+		if r := recover(); r != nil {
+			s, err = nil, fmt.Errorf("%s: %w: bbolt panicked opening it: %v", path, errCorrupt, r)
+		}
+	}()
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
 	if errors.Is(err, bolt.ErrTimeout) {
 		return nil, fmt.Errorf("open %s: another vnetbpf-agent holds it (one agent per stateDir)", path)
@@ -37,7 +43,14 @@ func openEndpointStore(path string) (*endpointStore, error) {
 		db.Close()
 		return nil, fmt.Errorf("init %s: %w", path, err)
 	}
-	return &endpointStore{db: db}, nil
+	s = &endpointStore{db: db}
+	// Read every record now, so that a file whose pages are sound but whose records are not
+	// is found at open, where it can be moved aside, and not half way through a reconcile.
+	if _, err := s.all(); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("%s: %w: %v", path, errCorrupt, err)
+	}
+	return s, nil
 }
 
 func (s *endpointStore) Close() error { return s.db.Close() }

@@ -31,6 +31,9 @@ type Options struct {
 	Root string
 	// Mode chooses how programs are attached; the zero value is ModeAuto.
 	Mode Mode
+	// Spec replaces the embedded object, for tools and tests that load a changed datapath
+	// (an upgrade); nil loads the one built into this binary.
+	Spec *ebpf.CollectionSpec
 }
 
 // Datapath is the loaded programs and maps.
@@ -59,7 +62,14 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, fmt.Errorf("create pin directory: %w (is bpffs mounted at %s?)", err, filepath.Dir(opts.Root))
 	}
 	d := &Datapath{root: opts.Root, mode: opts.Mode}
-	err := LoadDatapathObjects(&d.Objects, &ebpf.CollectionOptions{
+	spec := opts.Spec
+	if spec == nil {
+		var err error
+		if spec, err = LoadDatapath(); err != nil {
+			return nil, fmt.Errorf("load datapath spec: %w", err)
+		}
+	}
+	err := spec.LoadAndAssign(&d.Objects, &ebpf.CollectionOptions{
 		Maps: ebpf.MapOptions{PinPath: opts.Root},
 	})
 	if errors.Is(err, ebpf.ErrMapIncompatible) {

@@ -19,7 +19,6 @@ import (
 	"github.com/vnetbpf/vnetbpf/internal/testutils"
 	"github.com/vnetbpf/vnetbpf/pkg/agent"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
-	"github.com/vnetbpf/vnetbpf/pkg/cni"
 )
 
 // nftRuleset is `nft list ruleset` in node's namespace.
@@ -147,7 +146,7 @@ func TestChainPortmapBandwidth(t *testing.T) {
 	if !c.pool.Contains(ip) || ip == peer.ip {
 		t.Fatalf("chained ADD gave %s, want a free address of %s", ip, c.pool)
 	}
-	hostVeth := cni.HostVethName(api.Key{ContainerID: id, IfName: "eth0"})
+	hostVeth := api.HostVethName(api.Key{ContainerID: id, IfName: "eth0"})
 
 	// bandwidth: a tbf on the host veth shapes what enters the container; what leaves it is
 	// mirrored to an ifb of its own with another tbf.

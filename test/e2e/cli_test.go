@@ -15,7 +15,6 @@ import (
 	"github.com/vnetbpf/vnetbpf/internal/testutils"
 	"github.com/vnetbpf/vnetbpf/pkg/agent"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
-	"github.com/vnetbpf/vnetbpf/pkg/cni"
 )
 
 // newClusterWith is newCluster with the agent's configuration adjusted by configure before the
@@ -153,7 +152,7 @@ func TestAgentCLIEndpoints(t *testing.T) {
 			t.Errorf("no endpoint for %s in:\n%s", ctr.id, out)
 			continue
 		}
-		hostVeth := cni.HostVethName(api.Key{ContainerID: ctr.id, IfName: "eth0"})
+		hostVeth := api.HostVethName(api.Key{ContainerID: ctr.id, IfName: "eth0"})
 		want := api.Endpoint{EndpointRequest: api.EndpointRequest{
 			Owner: api.Owner{Key: api.Key{ContainerID: ctr.id, IfName: "eth0"}, PodNamespace: "default", PodName: "pod-" + ctr.id},
 			IP:    ctr.ip, HostIfName: hostVeth,
@@ -271,7 +270,7 @@ func TestAgentCLIMonitor(t *testing.T) {
 	c := newClusterWith(t, "10.0.1.0/29", func(cfg *agent.Config) {})
 	cli := NewAgentCLI(c.agent)
 	a := c.mustAdd(c.cni("1.1.0"), "spoofer")
-	hostVeth := cni.HostVethName(api.Key{ContainerID: a.id, IfName: "eth0"})
+	hostVeth := api.HostVethName(api.Key{ContainerID: a.id, IfName: "eth0"})
 	forged := netip.MustParseAddr("10.0.9.9")
 	const port = 4789
 

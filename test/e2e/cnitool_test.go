@@ -13,7 +13,6 @@ import (
 
 	"github.com/vnetbpf/vnetbpf/pkg/agent"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
-	"github.com/vnetbpf/vnetbpf/pkg/cni"
 )
 
 // newCNITool sets up cnitool for c's network "vnet": the conflist in a NETCONFPATH of its own,
@@ -100,7 +99,7 @@ func TestCNITool(t *testing.T) {
 	if ep := agentEndpoint(t, c.agent, id); ep != nil {
 		t.Errorf("agent still has endpoint %s after del", describe(ep))
 	}
-	if hostVethExists(t, c.node, cni.HostVethName(api.Key{ContainerID: id, IfName: "eth0"})) {
+	if hostVethExists(t, c.node, api.HostVethName(api.Key{ContainerID: id, IfName: "eth0"})) {
 		t.Error("host veth still exists after del")
 	}
 	if _, _, err := tool.Run(ctx, nil, "del", "vnet", ctrNS.Path()); err != nil {
