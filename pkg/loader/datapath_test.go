@@ -55,7 +55,7 @@ type endpoint struct {
 // (hA, hB), and the datapath loaded with both endpoints, the VNet 10.0.0.0/16 and the NIC
 // configured. Programs run through BPF_PROG_TEST_RUN in that namespace.
 type fixture struct {
-	t      *testing.T
+	t      testing.TB
 	netns  ns.NetNS
 	dp     *loader.Datapath
 	m      *maps.Maps
@@ -63,7 +63,7 @@ type fixture struct {
 	a, b   endpoint
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t testing.TB) *fixture {
 	f := &fixture{t: t, netns: testutils.NewNS(t)}
 	root := testutils.BPFRoot(t)
 	f.a = endpoint{ip: netip.MustParseAddr("10.0.0.10"), mac: mustMAC("02:aa:00:00:00:10"), hostMAC: mustMAC("02:bb:00:00:00:10"), id: 1}
@@ -110,7 +110,7 @@ func (f *fixture) putEndpoint(ep endpoint) {
 	}
 }
 
-func addVeth(t *testing.T, name, peer string, mac net.HardwareAddr) netlink.Link {
+func addVeth(t testing.TB, name, peer string, mac net.HardwareAddr) netlink.Link {
 	t.Helper()
 	la := netlink.NewLinkAttrs()
 	la.Name = name

@@ -99,3 +99,5 @@ func TestIMDSUnknownMACIsAnError(t *testing.T) {
 		t.Fatal("a MAC IMDS does not list gave addresses")
 	}
 }
+
+func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }

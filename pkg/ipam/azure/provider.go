@@ -340,7 +340,9 @@ func (p *Provider) grow(ctx context.Context, pool *ipam.Pool, nic armnetwork.Int
 	}
 	names := make(map[string]bool, len(v.configs))
 	for _, c := range v.configs {
-		names[str(c.Name)] = true
+		if c != nil {
+			names[str(c.Name)] = true
+		}
 	}
 	for i := 0; i < n; i++ {
 		name := newConfigName(names)
@@ -391,6 +393,10 @@ func (p *Provider) shrink(ctx context.Context, pool *ipam.Pool, nic armnetwork.I
 	}
 	kept := nic.Properties.IPConfigurations[:0:0]
 	for _, c := range nic.Properties.IPConfigurations {
+		if c == nil || c.Properties == nil {
+			kept = append(kept, c)
+			continue
+		}
 		ip, _ := netip.ParseAddr(str(c.Properties.PrivateIPAddress))
 		if !drop[ip] || v.ready[ip] != c {
 			kept = append(kept, c)
