@@ -169,6 +169,10 @@ func testRunRefuses(frame []byte) bool {
 	return (l3 == 0x0800 || l3 == 0x86dd) && len(frame) < 14+20
 }
 
+// maxTestRunFrame is about the largest frame BPF_PROG_TEST_RUN takes for a TC program: the
+// data must fit one page with the skb's headroom and shared info (EINVAL beyond).
+const maxTestRunFrame = 3400
+
 func (f *fixture) stats() map[maps.Reason]maps.Stat {
 	f.t.Helper()
 	s, err := f.m.ReadStats()

@@ -19,8 +19,8 @@ func FuzzFromContainer(f *testing.F) {
 	f.Add(testutils.ARP{SrcMAC: fx.a.mac, DstMAC: layers.EthernetBroadcast, Op: layers.ARPRequest, SHA: fx.a.mac, SPA: fx.a.ip, TPA: gatewayIP}.Frame())
 	f.Add(ethOnly(fx.a.mac, 0x86dd, 40))
 	f.Fuzz(func(t *testing.T, frame []byte) {
-		if len(frame) < 14 {
-			return // BPF_PROG_TEST_RUN needs an Ethernet header
+		if len(frame) < 14 || len(frame) > maxTestRunFrame {
+			return // BPF_PROG_TEST_RUN needs an Ethernet header and at most about a page
 		}
 		ret, _, err := fx.tryRun(fx.dp.Objects.FromContainer, fx.a.hostIfindex, frame)
 		if err != nil {
@@ -45,7 +45,7 @@ func FuzzFromVNet(f *testing.F) {
 	f.Add(udp(host{remoteIP, neighMAC}, host{fx.a.ip, nicMAC}).Frame())
 	f.Add(testutils.ARP{SrcMAC: neighMAC, DstMAC: layers.EthernetBroadcast, Op: layers.ARPRequest, SHA: neighMAC, SPA: remoteIP, TPA: fx.b.ip}.Frame())
 	f.Fuzz(func(t *testing.T, frame []byte) {
-		if len(frame) < 14 {
+		if len(frame) < 14 || len(frame) > maxTestRunFrame {
 			return
 		}
 		ret, _, err := fx.tryRun(fx.dp.Objects.FromVnet, fx.nicIdx, frame)
