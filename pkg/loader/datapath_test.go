@@ -162,11 +162,12 @@ func (f *fixture) tryRun(prog *ebpf.Program, ifindex int, frame []byte) (uint32,
 }
 
 // testRunRefuses reports whether BPF_PROG_TEST_RUN rejects frame before any program runs:
-// the kernel wants a whole 20-byte network header behind an IPv4 or IPv6 ethertype. Such
+// the kernel wants a whole network header (20 bytes for IPv4, 40 for IPv6) behind those
+// ethertypes. Such
 // frames are sent for real in the integration test instead.
 func testRunRefuses(frame []byte) bool {
 	l3 := uint16(frame[12])<<8 | uint16(frame[13])
-	return (l3 == 0x0800 || l3 == 0x86dd) && len(frame) < 14+20
+	return (l3 == 0x0800 && len(frame) < 14+20) || (l3 == 0x86dd && len(frame) < 14+40)
 }
 
 // maxTestRunFrame is about the largest frame BPF_PROG_TEST_RUN takes for a TC program: the
