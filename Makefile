@@ -46,6 +46,10 @@ verify-generated: ## Fail if the committed BPF objects differ from a fresh build
 test: deps verify-generated ## Run every test: unit, BPF (prog.Run) and namespace integration tests. Needs root
 	$(GO) test $(TEST_FLAGS) ./...
 
+.PHONY: test-load
+test-load: deps ## 250 containers on one node pinging for 60 s with an agent restart half way (about 2 min). Needs root
+	VNETBPF_LOAD=1 $(GO) test -count=1 -timeout 20m -run TestLoad -v ./test/e2e
+
 .PHONY: test-unit
 test-unit: ## Run the tests that need neither root nor a kernel feature
 	$(GO) test -count=1 -short ./pkg/api/... ./pkg/ipam/...
