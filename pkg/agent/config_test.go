@@ -36,6 +36,7 @@ func TestDefaultConfig(t *testing.T) {
 				Batch:       16,
 				MaxFree:     24,
 				MaxIPs:      256,
+				Interval:    Duration{10 * time.Second},
 			},
 		},
 	}
@@ -76,6 +77,7 @@ stateDir: /var/lib/node-a
 metricsAddr: ":9000"
 vnetCIDRs: [10.1.0.0/16, 10.2.0.0/16]
 mtu: 1400
+allowIMDS: true
 logFormat: text
 logLevel: debug
 ipam:
@@ -100,6 +102,7 @@ ipam:
     batch: 8
     maxFree: 12
     maxIPs: 64
+    interval: 1m
 `
 	got, err := parse(t, doc)
 	if err != nil {
@@ -114,6 +117,7 @@ ipam:
 		MetricsAddr: ":9000",
 		VNetCIDRs:   []string{"10.1.0.0/16", "10.2.0.0/16"},
 		MTU:         1400,
+		AllowIMDS:   true,
 		LogFormat:   "text",
 		LogLevel:    "debug",
 		IPAM: IPAMConfig{
@@ -135,6 +139,7 @@ ipam:
 				Batch:          8,
 				MaxFree:        12,
 				MaxIPs:         64,
+				Interval:       Duration{time.Minute},
 			},
 		},
 	}
@@ -260,6 +265,7 @@ func TestParseConfigRejectsWrongTypes(t *testing.T) {
 		"ipam: static\n",
 		"- nic\n", // a list where the document should be a mapping
 		"nic: [eth0, eth1]\n",
+		"allowIMDS: \"true\"\n", // a string where a boolean belongs
 		"nic: eth0\n  bad indent: x\n", // not YAML
 	} {
 		if cfg, err := parse(t, doc); err == nil {
@@ -406,6 +412,7 @@ func TestValidateRejects(t *testing.T) {
 		{"provider aws", func(c *Config) { c.IPAM.Provider = "aws" }, `ipam.provider "aws": want static or azure`},
 		{"provider empty", func(c *Config) { c.IPAM.Provider = "" }, `ipam.provider "": want static or azure`},
 		{"negative allocateTimeout", func(c *Config) { c.IPAM.AllocateTimeout = Duration{-time.Second} }, "ipam.allocateTimeout must not be negative"},
+		{"allocateTimeout -1ns", func(c *Config) { c.IPAM.AllocateTimeout = Duration{-1} }, "ipam.allocateTimeout must not be negative"},
 		{"azure maxIPs 1", func(c *Config) { c.IPAM.Provider = "azure"; c.IPAM.Azure.MaxIPs = 1 }, "ipam.azure.maxIPs 1: want 2..256"},
 		{"azure maxIPs 257", func(c *Config) { c.IPAM.Provider = "azure"; c.IPAM.Azure.MaxIPs = 257 }, "ipam.azure.maxIPs 257: want 2..256"},
 		{"azure batch 0", func(c *Config) { c.IPAM.Provider = "azure"; c.IPAM.Azure.Batch = 0 }, "ipam.azure.batch 0: want at least 1"},
