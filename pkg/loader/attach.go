@@ -81,24 +81,44 @@ func (d *Datapath) Attach(ifname string, p Program) error {
 		return fmt.Errorf("attach %s to %s: %w", p, ifname, err)
 	}
 	ifindex := dev.Attrs().Index
-	switch mode := d.Mode(); mode {
+	mode := d.Mode()
+	switch mode {
 	case ModeTC:
 		err = attachTC(ifindex, prog, string(p))
 	case ModeTCX:
 		err = d.attachTCX(ifname, ifindex, prog)
 	default:
+		mode = ModeTCX
 		err = d.attachTCX(ifname, ifindex, prog)
 		if errors.Is(err, ebpf.ErrNotSupported) {
-			d.setMode(ModeTC)
+			mode = ModeTC
 			err = attachTC(ifindex, prog, string(p))
-		} else if err == nil {
-			d.setMode(ModeTCX)
+		}
+		if err == nil {
+			d.setMode(mode)
 		}
 	}
 	if err != nil {
 		return fmt.Errorf("attach %s to %s: %w", p, ifname, err)
 	}
+	// An attachment of the other kind, left by an agent that ran in the other mode, would
+	// keep running before (TCX) or instead of ours: remove it once ours is in place.
+	if mode == ModeTC {
+		err = d.unpinLink(ifname)
+	} else {
+		err = deleteTCFilter(ifindex)
+	}
+	if err != nil {
+		return fmt.Errorf("attach %s to %s: remove the %s-mode attachment: %w", p, ifname, otherMode(mode), err)
+	}
 	return nil
+}
+
+func otherMode(m Mode) Mode {
+	if m == ModeTC {
+		return ModeTCX
+	}
+	return ModeTC
 }
 
 func (d *Datapath) linkPin(ifname string) string {
@@ -182,27 +202,46 @@ func (d *Datapath) Detach(ifname string) error {
 
 // Detach removes the program pinned under root for ifname and our cls_bpf filter on it.
 func Detach(root, ifname string) error {
-	pin := filepath.Join(root, linksDir, ifname)
-	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-		// Unpinning drops the last reference once our handle closes: the program detaches.
-		uerr := l.Unpin()
-		l.Close()
-		if uerr != nil {
-			return fmt.Errorf("detach %s: %w", ifname, uerr)
-		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		// A pin we cannot open as a link is junk in our directory: remove it.
-		if rerr := os.Remove(pin); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-			return fmt.Errorf("detach %s: %w", ifname, err)
-		}
+	if err := unpinLink(root, ifname); err != nil {
+		return fmt.Errorf("detach %s: %w", ifname, err)
 	}
 	dev, err := netlink.LinkByName(ifname)
 	if err != nil {
 		return nil // the device is gone, and with it any filter
 	}
-	filter := &netlink.BpfFilter{FilterAttrs: tcFilterAttrs(dev.Attrs().Index)}
+	if err := deleteTCFilter(dev.Attrs().Index); err != nil {
+		return fmt.Errorf("detach %s: %w", ifname, err)
+	}
+	return nil
+}
+
+func (d *Datapath) unpinLink(ifname string) error { return unpinLink(d.root, ifname) }
+
+// unpinLink removes ifname's TCX link pin; with it goes the last reference, so the program
+// detaches. A missing pin is fine.
+func unpinLink(root, ifname string) error {
+	pin := filepath.Join(root, linksDir, ifname)
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		// A pin we cannot open as a link is junk in our directory: remove it.
+		if rerr := os.Remove(pin); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	defer l.Close()
+	return l.Unpin()
+}
+
+// deleteTCFilter removes our cls_bpf filter (handle 1, priority 1) from ifindex's clsact
+// ingress; one that is not there is fine.
+func deleteTCFilter(ifindex int) error {
+	filter := &netlink.BpfFilter{FilterAttrs: tcFilterAttrs(ifindex)}
 	if err := netlink.FilterDel(filter); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("detach %s: delete cls_bpf filter: %w", ifname, err)
+		return fmt.Errorf("delete cls_bpf filter: %w", err)
 	}
 	return nil
 }

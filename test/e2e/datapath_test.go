@@ -335,6 +335,61 @@ func testDatapath(t *testing.T, mode loader.Mode) {
 		d.attach(t)
 		expectPing(t, "container A -> container B after re-attach", d.a.NS, d.b.IP)
 	})
+	t.Run("switching the attach mode leaves one attachment", func(t *testing.T) { testModeSwitch(t, d, mode) })
+}
+
+// testModeSwitch: an agent restarted in the other attach mode replaces the old attachment;
+// the program of the old mode must not keep running in front of, or instead of, the new one.
+func testModeSwitch(t *testing.T, d *datapathNode, from loader.Mode) {
+	to := loader.ModeTC
+	if from == loader.ModeTC {
+		to = loader.ModeTCX
+	}
+	dp, err := loader.Load(loader.Options{Root: d.root, Mode: to})
+	must(t, err)
+	defer dp.Close()
+	testutils.Do(t, d.node.NS, func() error { return dp.Attach(d.a.HostDev, loader.FromContainer) })
+	tcx, tc := d.progIDs(t, d.a.HostDev)
+	info, _ := dp.Objects.FromContainer.Info()
+	want, _ := info.ID()
+	got, leftover := tcx, tc
+	if to == loader.ModeTC {
+		got, leftover = tc, tcx
+	}
+	if got != uint32(want) || leftover != 0 {
+		t.Errorf("after switching %s -> %s: %s has program %d (want %d) and leftover %s program %d",
+			from, to, d.a.HostDev, got, want, from, leftover)
+	}
+	expectPing(t, "container A -> container B after the mode switch", d.a.NS, d.b.IP)
+}
+
+// progIDs is the program attached to dev's ingress through TCX and through clsact.
+func (d *datapathNode) progIDs(t *testing.T, dev string) (tcx, tc uint32) {
+	t.Helper()
+	testutils.Do(t, d.node.NS, func() error {
+		l, err := netlink.LinkByName(dev)
+		if err != nil {
+			return err
+		}
+		res, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return err
+		}
+		for _, p := range res.Programs {
+			tcx = uint32(p.ID)
+		}
+		filters, err := netlink.FilterList(l, netlink.HANDLE_MIN_INGRESS)
+		if err != nil {
+			return err
+		}
+		for _, f := range filters {
+			if bf, ok := f.(*netlink.BpfFilter); ok {
+				tc = uint32(bf.Id)
+			}
+		}
+		return nil
+	})
+	return tcx, tc
 }
 
 // attachedProgID is the ID of the program of ours on dev's ingress, 0 if none.
