@@ -164,7 +164,7 @@ func rootCmd() *cobra.Command {
 		Run:   func(cmd *cobra.Command, _ []string) { fmt.Fprintln(cmd.OutOrStdout(), agent.Version) },
 	}
 
-	root.AddCommand(runCmd(), status, endpoints, ipamCmd, monitor, version)
+	root.AddCommand(runCmd(), status, endpoints, ipamCmd, monitor, version, installCNICmd(), uninstallCmd())
 	return root
 }
 
@@ -290,7 +290,7 @@ func formatEvent(ev api.DropEvent) string {
 	fmt.Fprintf(&b, "%s %-18s %s(%d) ", ev.Time.Local().Format("15:04:05.000"), ev.Reason, ev.IfName, ev.IfIndex)
 	switch {
 	case !ev.Src.IsValid() || (ev.Src.IsUnspecified() && ev.Protocol == 0):
-		fmt.Fprintf(&b, "src-mac %s", ev.SrcMAC)
+		fmt.Fprintf(&b, "ethertype %#04x src-mac %s", ev.EtherType, ev.SrcMAC)
 	default:
 		proto := protocols[ev.Protocol]
 		if proto == "" {

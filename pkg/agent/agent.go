@@ -141,19 +141,8 @@ func (a *Agent) setup(ctx context.Context) error {
 	if err := os.MkdirAll(a.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
-	if err := ensureBPFFS(a.cfg.BPFRoot); err != nil {
-		return err
-	}
-	dp, err := loader.Load(loader.Options{Root: a.cfg.BPFRoot, Mode: a.cfg.AttachMode})
-	if err != nil {
-		return err
-	}
-	a.dp = dp
-	a.maps = maps.FromObjects(&dp.Objects)
-
-	if err := a.setupNIC(); err != nil {
-		return err
-	}
+	// The stores first: their file locks make a second agent on the same stateDir fail here,
+	// before it touches the datapath the first one runs.
 	cooldown := a.cfg.IPAM.Cooldown.Duration
 	if cooldown == 0 {
 		cooldown = -1 // ipam reads 0 as "default"; a configured 0s means none
@@ -163,6 +152,22 @@ func (a *Agent) setup(ctx context.Context) error {
 		return err
 	}
 	a.pool = pool
+	if a.store, err = a.openStore(filepath.Join(a.cfg.StateDir, "endpoints.db")); err != nil {
+		return err
+	}
+
+	if err := ensureBPFFS(a.cfg.BPFRoot, a.log); err != nil {
+		return err
+	}
+	dp, err := loader.Load(loader.Options{Root: a.cfg.BPFRoot, Mode: a.cfg.AttachMode})
+	if err != nil {
+		return err
+	}
+	a.dp = dp
+	a.maps = maps.FromObjects(&dp.Objects)
+	if err := a.setupNIC(); err != nil {
+		return err
+	}
 	if a.cfg.IPAM.Provider == "azure" {
 		if err := a.newAzureProvider(); err != nil {
 			return err
@@ -179,9 +184,6 @@ func (a *Agent) setup(ctx context.Context) error {
 		if err := pool.SetAddresses(addrs); err != nil {
 			return err
 		}
-	}
-	if a.store, err = a.openStore(filepath.Join(a.cfg.StateDir, "endpoints.db")); err != nil {
-		return err
 	}
 	if err := a.rebuild(); err != nil {
 		return fmt.Errorf("rebuild from the kernel: %w", err)
@@ -283,7 +285,7 @@ const bpffsMagic = 0xcafe4a11
 
 // ensureBPFFS makes sure root lies on bpffs, mounting /sys/fs/bpf if root is below it and
 // nothing is mounted there, as a node fresh from boot may have it.
-func ensureBPFFS(root string) error {
+func ensureBPFFS(root string, log *slog.Logger) error {
 	isBPF := func(p string) bool {
 		var st unix.Statfs_t
 		return unix.Statfs(p, &st) == nil && uint32(st.Type) == bpffsMagic
@@ -303,6 +305,11 @@ func ensureBPFFS(root string) error {
 		if err := unix.Mount("bpf", sysBPF, "bpf", 0, ""); err != nil {
 			return fmt.Errorf("bpffs is not mounted at %s and mounting it failed: %w (run 'mount -t bpf bpf %s')", sysBPF, err, sysBPF)
 		}
+		// On a node fresh from boot this is what is wanted; in a container without the host's
+		// /sys/fs/bpf (or under 'ip netns exec', which remounts /sys) the pins would die with
+		// the agent and forwarding with them.
+		log.Warn("mounted a new bpffs: if the agent runs in a container, mount the host's /sys/fs/bpf into it, or forwarding stops whenever the agent does",
+			"path", sysBPF)
 		return nil
 	}
 	return fmt.Errorf("bpfRoot %s is not on bpffs: mount one (mount -t bpf bpf DIR) or use a directory under /sys/fs/bpf", root)

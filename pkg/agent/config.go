@@ -160,7 +160,7 @@ func LoadConfig(path string, mustExist bool) (Config, error) {
 
 // ParseConfig decodes YAML into cfg, keeping what the document does not set.
 func ParseConfig(b []byte, cfg *Config) error {
-	j, err := yaml.YAMLToJSON(b)
+	j, err := yaml.YAMLToJSONStrict(b) // a key given twice is an error, not "the last one wins"
 	if err != nil {
 		return err
 	}
@@ -207,6 +207,15 @@ func (c *Config) Validate() ([]netip.Prefix, error) {
 		az := c.azureProviderConfig(nil)
 		if err := az.Validate(); err != nil {
 			return nil, err
+		}
+		switch az.Credential {
+		case azure.CredentialManagedIdentity, azure.CredentialDefault:
+		case azure.CredentialTokenFile:
+			if az.TokenFile == "" {
+				return nil, fmt.Errorf("ipam.azure.credential tokenFile needs ipam.azure.tokenFile")
+			}
+		default:
+			return nil, fmt.Errorf("ipam.azure.credential %q: want managedIdentity, default or tokenFile", az.Credential)
 		}
 	default:
 		return nil, fmt.Errorf("ipam.provider %q: want static or azure", c.IPAM.Provider)

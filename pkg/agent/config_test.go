@@ -265,7 +265,7 @@ func TestParseConfigRejectsWrongTypes(t *testing.T) {
 		"ipam: static\n",
 		"- nic\n", // a list where the document should be a mapping
 		"nic: [eth0, eth1]\n",
-		"allowIMDS: \"true\"\n", // a string where a boolean belongs
+		"allowIMDS: \"true\"\n",        // a string where a boolean belongs
 		"nic: eth0\n  bad indent: x\n", // not YAML
 	} {
 		if cfg, err := parse(t, doc); err == nil {
@@ -460,5 +460,36 @@ func TestValidateReturnsPrefixes(t *testing.T) {
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Validate prefixes = %v, want %v", got, want)
+	}
+}
+
+func TestParseConfigRejectsDuplicateKeys(t *testing.T) {
+	cfg := DefaultConfig()
+	if err := ParseConfig([]byte("nic: eth0\nnic: eth1\n"), &cfg); err == nil {
+		t.Fatal("a key given twice was accepted")
+	}
+}
+
+func TestValidateAzureCredential(t *testing.T) {
+	for _, tc := range []struct {
+		cred, tokenFile, want string
+	}{
+		{"managedIdentity", "", ""},
+		{"default", "", ""},
+		{"tokenFile", "/run/token", ""},
+		{"tokenFile", "", "needs ipam.azure.tokenFile"},
+		{"managedidentity", "", `credential "managedidentity"`},
+	} {
+		cfg := DefaultConfig()
+		cfg.VNetCIDRs = []string{"10.0.0.0/16"}
+		cfg.IPAM.Provider = "azure"
+		cfg.IPAM.Azure.Credential, cfg.IPAM.Azure.TokenFile = tc.cred, tc.tokenFile
+		_, err := cfg.Validate()
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("credential %q: %v", tc.cred, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("credential %q, tokenFile %q: %v, want an error containing %q", tc.cred, tc.tokenFile, err, tc.want)
+		}
 	}
 }

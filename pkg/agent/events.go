@@ -58,15 +58,16 @@ func (h *eventHub) run() {
 
 func toAPIEvent(ev maps.DropEvent) api.DropEvent {
 	out := api.DropEvent{
-		Time:     bootTime().Add(time.Duration(ev.TsNs)).UTC(),
-		Reason:   loader.ReasonName(maps.EventReason(ev)),
-		IfIndex:  ev.Ifindex,
-		Protocol: ev.Protocol,
-		Src:      maps.EventSource(ev),
-		Dst:      maps.EventDestination(ev),
-		SrcPort:  ev.Sport,
-		DstPort:  ev.Dport,
-		SrcMAC:   maps.EventSourceMAC(ev).String(),
+		Time:      bootTime().Add(time.Duration(ev.TsNs)).UTC(),
+		Reason:    loader.ReasonName(maps.EventReason(ev)),
+		IfIndex:   ev.Ifindex,
+		EtherType: ev.Ethertype,
+		Protocol:  ev.Protocol,
+		Src:       maps.EventSource(ev),
+		Dst:       maps.EventDestination(ev),
+		SrcPort:   ev.Sport,
+		DstPort:   ev.Dport,
+		SrcMAC:    maps.EventSourceMAC(ev).String(),
 	}
 	if l, err := netlink.LinkByIndex(int(ev.Ifindex)); err == nil {
 		out.IfName = l.Attrs().Name

@@ -27,9 +27,10 @@ func newMetrics(a *Agent) *metrics {
 	m := &metrics{
 		reg: prometheus.NewRegistry(),
 		apiDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name:    "vnetbpf_api_request_duration_seconds",
-			Help:    "Latency of the agent's CNI API, by method, route and HTTP status.",
-			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5},
+			Name: "vnetbpf_api_request_duration_seconds",
+			Help: "Latency of the agent's CNI API, by method, route and HTTP status.",
+			// Up to a minute: an ADD may wait ipam.allocateTimeout (30 s) for the pool to grow.
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
 		}, []string{"method", "route", "code"}),
 		allocFailures: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "vnetbpf_ipam_allocation_failures_total",

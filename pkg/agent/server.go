@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode"
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
@@ -87,8 +88,9 @@ func decode(r *http.Request, v any) *apiError {
 	if err := dec.Decode(v); err != nil {
 		return errorf(http.StatusBadRequest, api.CodeDecodingFailure, "invalid request body: %v", err)
 	}
-	if dec.More() {
-		return errorf(http.StatusBadRequest, api.CodeDecodingFailure, "invalid request body: trailing data")
+	// Another value, or even a stray '}' (which dec.More does not see), is trailing data.
+	if err := dec.Decode(new(json.RawMessage)); err != io.EOF {
+		return errorf(http.StatusBadRequest, api.CodeDecodingFailure, "invalid request body: trailing data after the JSON object")
 	}
 	return nil
 }
@@ -97,15 +99,18 @@ func decode(r *http.Request, v any) *apiError {
 // bytes (IFNAMSIZ-1) with no / or whitespace, and not . or ..
 var containerIDRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`)
 
+// Both come from the runtime's CNI_CONTAINERID and CNI_IFNAME, so a bad one is CNI's code 4
+// (invalid environment variables), as the CNI library itself answers.
 func validateKey(k api.Key) *apiError {
 	if len(k.ContainerID) == 0 || len(k.ContainerID) > 1024 || !containerIDRE.MatchString(k.ContainerID) {
-		return errorf(http.StatusBadRequest, api.CodeInvalidConfig,
+		return errorf(http.StatusBadRequest, api.CodeInvalidEnvironment,
 			"container ID %q is invalid: want letters, digits, '_', '.' or '-'", k.ContainerID)
 	}
+	// The kernel's dev_valid_name: at most IFNAMSIZ-1 bytes, no '/', ':' or white space.
 	if len(k.IfName) == 0 || len(k.IfName) > 15 || k.IfName == "." || k.IfName == ".." ||
-		strings.ContainsAny(k.IfName, "/: \t\n") {
-		return errorf(http.StatusBadRequest, api.CodeInvalidConfig,
-			"interface name %q is invalid: want 1 to 15 bytes without '/', ':' or spaces", k.IfName)
+		strings.ContainsFunc(k.IfName, func(r rune) bool { return r == '/' || r == ':' || unicode.IsSpace(r) }) {
+		return errorf(http.StatusBadRequest, api.CodeInvalidEnvironment,
+			"interface name %q is invalid: want 1 to 15 bytes without '/', ':' or white space, and not '.' or '..'", k.IfName)
 	}
 	return nil
 }

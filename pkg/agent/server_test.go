@@ -100,8 +100,8 @@ func TestValidateKey(t *testing.T) {
 			t.Errorf("validateKey accepted container ID %.40q", id)
 			continue
 		}
-		if aerr.status != http.StatusBadRequest || aerr.body.Code != api.CodeInvalidConfig {
-			t.Errorf("validateKey(container ID %.40q) = HTTP %d code %d, want 400 and %d", id, aerr.status, aerr.body.Code, api.CodeInvalidConfig)
+		if aerr.status != http.StatusBadRequest || aerr.body.Code != api.CodeInvalidEnvironment {
+			t.Errorf("validateKey(container ID %.40q) = HTTP %d code %d, want 400 and %d", id, aerr.status, aerr.body.Code, api.CodeInvalidEnvironment)
 		}
 		if !strings.HasPrefix(aerr.body.Msg, "container ID ") {
 			t.Errorf("validateKey(container ID %.40q) = %q, want a message about the container ID", id, aerr.body.Msg)
@@ -113,8 +113,8 @@ func TestValidateKey(t *testing.T) {
 			t.Errorf("validateKey accepted interface name %q", ifn)
 			continue
 		}
-		if aerr.status != http.StatusBadRequest || aerr.body.Code != api.CodeInvalidConfig {
-			t.Errorf("validateKey(ifname %q) = HTTP %d code %d, want 400 and %d", ifn, aerr.status, aerr.body.Code, api.CodeInvalidConfig)
+		if aerr.status != http.StatusBadRequest || aerr.body.Code != api.CodeInvalidEnvironment {
+			t.Errorf("validateKey(ifname %q) = HTTP %d code %d, want 400 and %d", ifn, aerr.status, aerr.body.Code, api.CodeInvalidEnvironment)
 		}
 		if !strings.HasPrefix(aerr.body.Msg, "interface name ") {
 			t.Errorf("validateKey(ifname %q) = %q, want a message about the interface name", ifn, aerr.body.Msg)
@@ -127,32 +127,14 @@ func TestValidateKey(t *testing.T) {
 // the runtime can create must be one the agent accepts, and the agent must refuse what the
 // spec refuses. The agent's 1024-byte bound on container IDs is its own and not compared.
 //
-// knownGaps lists names where the two disagree today. Each entry asserts the disagreement,
-// so the test fails once server.go is fixed and reminds whoever fixed it to delete the entry.
+// White space of every kind is refused, as the CNI checks unicode.IsSpace and the kernel's
+// dev_valid_name checks isspace.
 func TestValidateKeyAgreesWithCNI(t *testing.T) {
-	knownGaps := map[string]string{
-		// validateKey looks for " \t\n" only; the CNI checks unicode.IsSpace, like the
-		// kernel's dev_valid_name checks isspace.
-		"eth\r0":     "carriage return",
-		"eth\v0":     "vertical tab",
-		"eth\f0":     "form feed",
-		"eth\u00a00": "no-break space",
-		"eth\u20030": "em space",
-		"eth\u00850": "next line (U+0085)",
-	}
 	ifNames := append(append([]string{}, validIfNames...), invalidIfNames...)
-	for n := range knownGaps {
-		ifNames = append(ifNames, n)
-	}
+	ifNames = append(ifNames, "eth\r0", "eth\v0", "eth\f0", "eth\u00a00", "eth\u20030", "eth\u00850")
 	for _, ifn := range ifNames {
 		agentOK := validateKey(api.Key{ContainerID: criID, IfName: ifn}) == nil
 		cniOK := cniutils.ValidateInterfaceName(ifn) == nil
-		if why, gap := knownGaps[ifn]; gap {
-			if agentOK == cniOK {
-				t.Errorf("interface name %q (%s): the agent now agrees with CNI; remove it from knownGaps", ifn, why)
-			}
-			continue
-		}
 		if agentOK != cniOK {
 			t.Errorf("interface name %q: agent accepts=%v, CNI accepts=%v", ifn, agentOK, cniOK)
 		}
@@ -246,8 +228,8 @@ func TestPathKeyValidation(t *testing.T) {
 					t.Fatalf("HTTP %d, want 400", res.StatusCode)
 				}
 				e := apiErr(t, res)
-				if e.Code != api.CodeInvalidConfig || !strings.Contains(e.Msg, tc.inMsg) {
-					t.Errorf("answer code %d %q, want code %d and a message containing %q", e.Code, e.Msg, api.CodeInvalidConfig, tc.inMsg)
+				if e.Code != api.CodeInvalidEnvironment || !strings.Contains(e.Msg, tc.inMsg) {
+					t.Errorf("answer code %d %q, want code %d and a message containing %q", e.Code, e.Msg, api.CodeInvalidEnvironment, tc.inMsg)
 				}
 			})
 		}
@@ -262,17 +244,17 @@ func TestBodyKeyValidation(t *testing.T) {
 		code                    uint
 	}{
 		{"allocation with empty container ID", "/v1/ipam/allocations",
-			`{"containerID":"","ifName":"eth0"}`, `container ID "" is invalid`, api.CodeInvalidConfig},
+			`{"containerID":"","ifName":"eth0"}`, `container ID "" is invalid`, api.CodeInvalidEnvironment},
 		{"allocation with ifname ..", "/v1/ipam/allocations",
-			`{"containerID":"` + criID + `","ifName":".."}`, `interface name ".." is invalid`, api.CodeInvalidConfig},
+			`{"containerID":"` + criID + `","ifName":".."}`, `interface name ".." is invalid`, api.CodeInvalidEnvironment},
 		{"allocation with long ifname", "/v1/ipam/allocations",
-			`{"containerID":"` + criID + `","ifName":"abcdefghijklmnop"}`, `interface name "abcdefghijklmnop"`, api.CodeInvalidConfig},
+			`{"containerID":"` + criID + `","ifName":"abcdefghijklmnop"}`, `interface name "abcdefghijklmnop"`, api.CodeInvalidEnvironment},
 		{"allocation with a netns that is not one", "/v1/ipam/allocations",
 			`{"containerID":"` + criID + `","ifName":"eth0","netns":"/nonexistent/netns"}`, `netns "/nonexistent/netns" is not a network namespace`, api.CodeInvalidEnvironment},
 		{"gc with a bad key among good ones", "/v1/gc",
-			`{"validAttachments":[{"containerID":"` + criID + `","ifName":"eth0"},{"containerID":"a/b","ifName":"eth0"}]}`, `container ID "a/b" is invalid`, api.CodeInvalidConfig},
+			`{"validAttachments":[{"containerID":"` + criID + `","ifName":"eth0"},{"containerID":"a/b","ifName":"eth0"}]}`, `container ID "a/b" is invalid`, api.CodeInvalidEnvironment},
 		{"gc with ifname .", "/v1/gc",
-			`{"validAttachments":[{"containerID":"` + criID + `","ifName":"."}]}`, `interface name "." is invalid`, api.CodeInvalidConfig},
+			`{"validAttachments":[{"containerID":"` + criID + `","ifName":"."}]}`, `interface name "." is invalid`, api.CodeInvalidEnvironment},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			res := do(t, http.MethodPost, srv.URL+tc.path, tc.body)
@@ -358,14 +340,12 @@ func TestDecodeRejects(t *testing.T) {
 	}
 }
 
-// TestDecodeKnownGapClosingBracket: json.Decoder.More reports false before ']' and '}', so a
-// stray closing bracket after the object is not seen as trailing data. The entry asserts
-// today's behaviour; when decode checks for trailing data with another Decode that must
-// return io.EOF, this fails: turn the cases into TestDecodeRejects entries then.
-func TestDecodeKnownGapClosingBracket(t *testing.T) {
+// TestDecodeRejectsStrayClosingBracket: json.Decoder.More reports false before ']' and '}',
+// so decode must look for trailing data with another Decode.
+func TestDecodeRejectsStrayClosingBracket(t *testing.T) {
 	for _, body := range []string{`{"validAttachments":[]}}`, `{"validAttachments":[]}]`} {
-		if _, aerr := decodeBody(t, body); aerr != nil {
-			t.Errorf("decode(%q) now rejects the stray bracket (%v): move this case to TestDecodeRejects", body, aerr)
+		if _, aerr := decodeBody(t, body); aerr == nil || aerr.body.Code != api.CodeDecodingFailure {
+			t.Errorf("decode(%q) = %v, want code %d for the stray bracket", body, aerr, api.CodeDecodingFailure)
 		}
 	}
 }

@@ -146,16 +146,17 @@ type Status struct {
 
 // DropEvent is one packet the datapath dropped, as `vnetbpf-agent monitor` prints it.
 type DropEvent struct {
-	Time     time.Time  `json:"time"`
-	Reason   string     `json:"reason"`
-	IfIndex  uint32     `json:"ifindex"`
-	IfName   string     `json:"ifName,omitempty"`
-	Protocol uint8      `json:"protocol"`
-	Src      netip.Addr `json:"src"`
-	Dst      netip.Addr `json:"dst"`
-	SrcPort  uint16     `json:"srcPort"`
-	DstPort  uint16     `json:"dstPort"`
-	SrcMAC   string     `json:"srcMAC"`
+	Time      time.Time  `json:"time"`
+	Reason    string     `json:"reason"`
+	IfIndex   uint32     `json:"ifindex"`
+	IfName    string     `json:"ifName,omitempty"`
+	EtherType uint16     `json:"etherType"`
+	Protocol  uint8      `json:"protocol"`
+	Src       netip.Addr `json:"src"`
+	Dst       netip.Addr `json:"dst"`
+	SrcPort   uint16     `json:"srcPort"`
+	DstPort   uint16     `json:"dstPort"`
+	SrcMAC    string     `json:"srcMAC"`
 }
 
 // Error is the body of every non-2xx answer.
