@@ -7,7 +7,7 @@ BIN := bin
 BPF_SRC := $(wildcard bpf/*.c bpf/*.h bpf/include/*.h)
 GENERATED := pkg/loader/datapath_bpfel.go pkg/loader/datapath_bpfel.o
 # Packages apt must provide. clang-19/llvm-19 rebuild the BPF objects; the rest serve tests.
-APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iputils-ping
+APT_PACKAGES := clang-19 llvm-19 libbpf-dev bpftool iproute2 nftables iputils-ping containerd runc
 TEST_FLAGS ?= -count=1 -timeout 15m
 
 .DEFAULT_GOAL := help
@@ -45,6 +45,10 @@ verify-generated: ## Fail if the committed BPF objects differ from a fresh build
 .PHONY: test
 test: deps verify-generated ## Run every test: unit, BPF (prog.Run) and namespace integration tests. Needs root
 	$(GO) test $(TEST_FLAGS) ./...
+
+.PHONY: e2e-cri
+e2e-cri: deps ## Pods through a real containerd and crictl (the CRI calls kubelet makes), wired by vnetbpf. Needs root
+	$(GO) test -count=1 -v -timeout 10m ./test/e2e/cri/...
 
 .PHONY: test-load
 test-load: deps ## 250 containers on one node pinging for 60 s with an agent restart half way (about 2 min). Needs root

@@ -44,6 +44,7 @@ type cniInstall struct {
 	binDir, confDir, conflist string
 	socket, source            string
 	mtu                       int
+	cniVersion                string
 	portmap                   string // auto, always or never
 	out                       io.Writer
 }
@@ -71,6 +72,9 @@ nothing. The DaemonSet runs it as an init container with the host's directories 
 	f.StringVar(&o.conflist, "conflist-name", defaultConflist, "file name of the network configuration")
 	f.StringVar(&o.source, "source-binary", "", "the vnetbpf CNI binary to install (default: vnetbpf next to this executable)")
 	f.IntVar(&o.mtu, "mtu", 0, "MTU of container interfaces written into the configuration (default: the agent's)")
+	// 1.0.0 by default: containerd 1.6 and 1.7 refuse a 1.1.0 result ("unsupported CNI result
+	// version") and fail every pod, while reporting the network ready. 1.1.0 adds STATUS and GC.
+	f.StringVar(&o.cniVersion, "cni-version", "1.0.0", "cniVersion of the configuration: 1.0.0 (containerd 1.6+, CRI-O) or 1.1.0 (containerd 2.x: adds STATUS and GC)")
 	f.StringVar(&o.portmap, "chain-portmap", "auto", "chain the portmap plugin (hostPort): auto (if it is in the bin directory), always or never")
 	return cmd
 }
@@ -81,6 +85,9 @@ func (o *cniInstall) validate() error {
 	}
 	if err := validConflistName(o.conflist); err != nil {
 		return err
+	}
+	if o.cniVersion != "1.0.0" && o.cniVersion != "1.1.0" {
+		return fmt.Errorf("--cni-version %q: want 1.0.0 or 1.1.0", o.cniVersion)
 	}
 	if o.mtu != 0 && (o.mtu < 68 || o.mtu > 65535) {
 		return fmt.Errorf("--mtu %d: want 68..65535, or 0 for the agent's", o.mtu)
@@ -139,7 +146,7 @@ func (o *cniInstall) run() error {
 	}
 
 	chain, why := o.chainPortmap()
-	conf, err := conflistJSON(o.socket, o.mtu, chain)
+	conf, err := conflistJSON(o.cniVersion, o.socket, o.mtu, chain)
 	if err != nil {
 		return err
 	}
@@ -199,8 +206,8 @@ type portmapPluginConf struct {
 	Backend      string          `json:"backend"`
 }
 
-func conflistJSON(socket string, mtu int, portmap bool) ([]byte, error) {
-	c := conflist{CNIVersion: "1.1.0", Name: networkName, Plugins: []any{
+func conflistJSON(version, socket string, mtu int, portmap bool) ([]byte, error) {
+	c := conflist{CNIVersion: version, Name: networkName, Plugins: []any{
 		vnetbpfPluginConf{Type: pluginType, AgentSocket: socket, MTU: mtu},
 	}}
 	if portmap {

@@ -134,8 +134,8 @@ func TestInstallCNI(t *testing.T) {
 	}
 
 	list, plugins := n.readConflist(t)
-	if list.Name != "vnetbpf" || list.CNIVersion != "1.1.0" {
-		t.Errorf("conflist name %q, version %q; want vnetbpf, 1.1.0", list.Name, list.CNIVersion)
+	if list.Name != "vnetbpf" || list.CNIVersion != "1.0.0" {
+		t.Errorf("conflist name %q, version %q; want vnetbpf, 1.0.0 (what containerd 1.6 reads)", list.Name, list.CNIVersion)
 	}
 	if len(plugins) != 1 {
 		t.Fatalf("plugins = %v; want only vnetbpf (no portmap in the bin dir)", plugins)
