@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -91,7 +92,7 @@ func asAPIError(err error) *apiError {
 // exhaustedError is CNI code 11 with what the operator can act on: the pool's numbers and,
 // for a growing provider, why it has not grown.
 func (a *Agent) exhaustedError(err error) *apiError {
-	details := err.Error()
+	details := strings.TrimPrefix(err.Error(), ipam.ErrExhausted.Error()+": ") // Msg says it already
 	if a.grower != nil {
 		st := a.grower.Status()
 		details += fmt.Sprintf("; waited %s for the pool to grow (%d IP configurations on the NIC, %d being added)",
