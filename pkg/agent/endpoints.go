@@ -251,12 +251,7 @@ func (a *Agent) freeID() (uint32, error) {
 	for _, ep := range a.endpoints {
 		used[ep.ID] = true
 	}
-	for id := uint32(1); id < 65536; id++ {
-		if !used[id] {
-			return id, nil
-		}
-	}
-	return 0, fmt.Errorf("all 65,535 endpoint ids are in use")
+	return freeIDOf(used)
 }
 
 func validateEndpoint(req api.EndpointRequest) *apiError {

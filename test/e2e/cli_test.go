@@ -17,39 +17,6 @@ import (
 	"github.com/vnetbpf/vnetbpf/pkg/api"
 )
 
-// newClusterWith is newCluster with the agent's configuration adjusted by configure before the
-// agent starts (a cooldown, a metrics address).
-func newClusterWith(t *testing.T, pool string, configure func(*agent.Config)) *cluster {
-	testutils.RequireRoot(t)
-	bin, err := Binaries()
-	if err != nil {
-		t.Fatal(err)
-	}
-	f, err := NewFabric(netip.MustParsePrefix("10.0.0.0/16"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	node, err := f.AddNode("node1", mac("02:00:0a:00:00:04"), netip.MustParseAddr("10.0.0.4"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := &cluster{t: t, fabric: f, node: node, dir: t.TempDir(), bin: bin, pool: netip.MustParsePrefix(pool)}
-	for ip := c.pool.Addr().Next(); c.pool.Contains(ip.Next()); ip = ip.Next() {
-		must(t, f.AddIPConfig(node, ip))
-	}
-	cfg := NewAgentConfig(node, c.dir, []string{pool})
-	cfg.IPAM.Cooldown.Duration = 0
-	configure(&cfg)
-	a, err := StartAgent(node, c.dir, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Cleanup)
-	c.agent = a
-	return c
-}
-
 // linkMAC is the MAC of dev in namespace n.
 func linkMAC(t *testing.T, n ns.NetNS, dev string) string {
 	t.Helper()

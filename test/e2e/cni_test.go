@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/vnetbpf/vnetbpf/internal/testutils"
+	"github.com/vnetbpf/vnetbpf/pkg/agent"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
 	"github.com/vnetbpf/vnetbpf/pkg/maps"
 )
@@ -36,11 +37,38 @@ type cluster struct {
 }
 
 func newCluster(t *testing.T, pool string) *cluster {
+	return newClusterWith(t, pool, func(*agent.Config) {})
+}
+
+// newClusterWith is newCluster with the agent's configuration adjusted by configure before the
+// agent starts (a cooldown, a metrics address).
+func newClusterWith(t *testing.T, pool string, configure func(*agent.Config)) *cluster {
 	testutils.RequireRoot(t)
 	bin, err := Binaries()
 	if err != nil {
 		t.Fatal(err)
 	}
+	f, node := newFabricNode(t)
+	c := &cluster{t: t, fabric: f, node: node, dir: t.TempDir(), bin: bin, pool: netip.MustParsePrefix(pool)}
+	// A static pool is what the 2017 write-up set up by hand: IP configurations that already
+	// exist on the NIC, so the fabric routes them to this node.
+	for ip := c.pool.Addr().Next(); c.pool.Contains(ip.Next()); ip = ip.Next() {
+		must(t, f.AddIPConfig(node, ip))
+	}
+	cfg := NewAgentConfig(node, c.dir, []string{pool})
+	cfg.IPAM.Cooldown.Duration = 0
+	configure(&cfg)
+	a, err := StartAgent(node, c.dir, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(a.Cleanup)
+	c.agent = a
+	return c
+}
+
+// newFabricNode is the VNet 10.0.0.0/16 with one node, node1 at 10.0.0.4, removed when t ends.
+func newFabricNode(t *testing.T) (*Fabric, *Node) {
 	f, err := NewFabric(netip.MustParsePrefix("10.0.0.0/16"))
 	if err != nil {
 		t.Fatal(err)
@@ -50,21 +78,7 @@ func newCluster(t *testing.T, pool string) *cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &cluster{t: t, fabric: f, node: node, dir: t.TempDir(), bin: bin, pool: netip.MustParsePrefix(pool)}
-	// A static pool is what the 2017 write-up set up by hand: IP configurations that already
-	// exist on the NIC, so the fabric routes them to this node.
-	for ip := c.pool.Addr().Next(); c.pool.Contains(ip.Next()); ip = ip.Next() {
-		must(t, f.AddIPConfig(node, ip))
-	}
-	cfg := NewAgentConfig(node, c.dir, []string{pool})
-	cfg.IPAM.Cooldown.Duration = 0
-	a, err := StartAgent(node, c.dir, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(a.Cleanup)
-	c.agent = a
-	return c
+	return f, node
 }
 
 func (c *cluster) conflist(cniVersion string, chained ...string) []byte {

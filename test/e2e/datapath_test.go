@@ -41,15 +41,7 @@ type datapathNode struct {
 
 func newDatapathNode(t *testing.T, mode loader.Mode) *datapathNode {
 	testutils.RequireRoot(t)
-	f, err := NewFabric(netip.MustParsePrefix("10.0.0.0/16"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	node, err := f.AddNode("node1", mac("02:00:0a:00:00:04"), netip.MustParseAddr("10.0.0.4"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, node := newFabricNode(t)
 	d := &datapathNode{fabric: f, node: node, root: testutils.BPFRoot(t)}
 	for _, c := range []struct {
 		dst     **Container
@@ -349,7 +341,7 @@ func testModeSwitch(t *testing.T, d *datapathNode, from loader.Mode) {
 	must(t, err)
 	defer dp.Close()
 	testutils.Do(t, d.node.NS, func() error { return dp.Attach(d.a.HostDev, loader.FromContainer) })
-	tcx, tc := d.progIDs(t, d.a.HostDev)
+	tcx, tc := progIDs(t, d.node, d.a.HostDev)
 	info, _ := dp.Objects.FromContainer.Info()
 	want, _ := info.ID()
 	got, leftover := tcx, tc
@@ -363,10 +355,10 @@ func testModeSwitch(t *testing.T, d *datapathNode, from loader.Mode) {
 	expectPing(t, "container A -> container B after the mode switch", d.a.NS, d.b.IP)
 }
 
-// progIDs is the program attached to dev's ingress through TCX and through clsact.
-func (d *datapathNode) progIDs(t *testing.T, dev string) (tcx, tc uint32) {
+// progIDs is the program attached to dev's ingress in node through TCX and through clsact.
+func progIDs(t *testing.T, node *Node, dev string) (tcx, tc uint32) {
 	t.Helper()
-	testutils.Do(t, d.node.NS, func() error {
+	testutils.Do(t, node.NS, func() error {
 		l, err := netlink.LinkByName(dev)
 		if err != nil {
 			return err

@@ -15,12 +15,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
-	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
-	"github.com/vishvananda/netlink"
 
 	"github.com/vnetbpf/vnetbpf/internal/testutils"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
@@ -376,20 +373,6 @@ func TestCrashStorm(t *testing.T) {
 // attachedTCX is the ID of the program on dev's TCX ingress in node, 0 if none.
 func attachedTCX(t *testing.T, node *Node, dev string) uint32 {
 	t.Helper()
-	var id uint32
-	testutils.Do(t, node.NS, func() error {
-		l, err := netlink.LinkByName(dev)
-		if err != nil {
-			return err
-		}
-		res, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: ebpf.AttachTCXIngress})
-		if err != nil {
-			return err
-		}
-		for _, p := range res.Programs {
-			id = uint32(p.ID)
-		}
-		return nil
-	})
-	return id
+	tcx, _ := progIDs(t, node, dev)
+	return tcx
 }
