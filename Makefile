@@ -50,6 +50,19 @@ test: deps verify-generated ## Run every test: unit, BPF (prog.Run) and namespac
 e2e-cri: deps ## Pods through a real containerd and crictl (the CRI calls kubelet makes), wired by vnetbpf. Needs root
 	$(GO) test -count=1 -v -timeout 10m ./test/e2e/cri/...
 
+BENCH_APT := iperf3 qperf
+
+.PHONY: bench
+bench: ## Measure vnetbpf against ptp, bridge and a bare veth pair: one table, raw JSON in out/bench (about 8 min; BENCH_QUICK=1: about 2). Needs root
+	@scripts/deps.sh $(APT_PACKAGES) $(BENCH_APT)
+	$(GO) run ./bench/cmd/vnetbpf-bench $(if $(filter 1 true,$(BENCH_QUICK)),--quick)
+
+.PHONY: bench-profile
+bench-profile: ## Where each datapath branch and each mode's transaction spends its time (perf). Needs root
+	@scripts/deps.sh $(APT_PACKAGES) $(BENCH_APT) linux-perf
+	$(GO) run ./bench/cmd/vnetbpf-bench profile
+	$(GO) run ./bench/cmd/vnetbpf-bench profile-datapath
+
 .PHONY: test-load
 test-load: deps ## 250 containers on one node pinging for 60 s with an agent restart half way (about 2 min). Needs root
 	VNETBPF_LOAD=1 $(GO) test -count=1 -timeout 20m -run TestLoad -v ./test/e2e
