@@ -38,14 +38,14 @@ var toolsOnce = sync.OnceValues(func() (Tools, error) {
 		CNITool:    filepath.Join(base, "cni-"+CNIToolVersion, "cnitool"),
 		PluginsDir: filepath.Join(base, "plugins-"+PluginsVersion),
 	}
-	if err := goInstall(filepath.Dir(t.CNITool), "github.com/containernetworking/cni/cnitool@"+CNIToolVersion); err != nil {
+	if err := GoInstall(filepath.Dir(t.CNITool), "github.com/containernetworking/cni/cnitool@"+CNIToolVersion); err != nil {
 		return Tools{}, err
 	}
 	var pkgs []string
 	for _, p := range []string{"meta/portmap", "meta/bandwidth", "main/loopback"} {
 		pkgs = append(pkgs, "github.com/containernetworking/plugins/plugins/"+p+"@"+PluginsVersion)
 	}
-	if err := goInstall(t.PluginsDir, pkgs...); err != nil {
+	if err := GoInstall(t.PluginsDir, pkgs...); err != nil {
 		return Tools{}, err
 	}
 	return t, nil
@@ -55,10 +55,10 @@ var toolsOnce = sync.OnceValues(func() (Tools, error) {
 // ToolsCacheDir.
 func UpstreamTools() (Tools, error) { return toolsOnce() }
 
-// goInstall installs pkgs (path@version) into dir unless every binary is there already. It
+// GoInstall installs pkgs (path@version) into dir unless every binary is there already. It
 // builds into a scratch directory and renames, so that an interrupted build never leaves a
 // truncated binary that later runs would take for a good one.
-func goInstall(dir string, pkgs ...string) error {
+func GoInstall(dir string, pkgs ...string) error {
 	missing := false
 	for _, p := range pkgs {
 		if _, err := os.Stat(filepath.Join(dir, binaryName(p))); err != nil {

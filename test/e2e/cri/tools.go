@@ -64,27 +64,7 @@ func CrictlBinary() (string, error) { return crictlOnce() }
 
 var crictlOnce = sync.OnceValues(func() (string, error) {
 	dir := filepath.Join(e2e.ToolsCacheDir(), "crictl-"+CrictlVersion)
-	bin := filepath.Join(dir, "crictl")
-	if _, err := os.Stat(bin); err == nil {
-		return bin, nil
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", err
-	}
-	// Built into a scratch directory and renamed, so that an interrupted build never leaves
-	// a truncated binary that later runs would take for a good one.
-	scratch, err := os.MkdirTemp(dir, ".build-")
-	if err != nil {
-		return "", err
-	}
-	defer os.RemoveAll(scratch)
-	cmd := exec.Command("go", "install", "sigs.k8s.io/cri-tools/cmd/crictl@"+CrictlVersion)
-	cmd.Dir = os.TempDir() // outside any module, so that path@version names what is built
-	cmd.Env = append(os.Environ(), "GOBIN="+scratch, "CGO_ENABLED=0", "GOWORK=off")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go install crictl@%s: %v\n%s", CrictlVersion, err, out)
-	}
-	return bin, os.Rename(filepath.Join(scratch, "crictl"), bin)
+	return filepath.Join(dir, "crictl"), e2e.GoInstall(dir, "sigs.k8s.io/cri-tools/cmd/crictl@"+CrictlVersion)
 })
 
 // BuildPauseImage builds the pause command statically into dir and has it write its own
