@@ -4,7 +4,6 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -49,9 +48,8 @@ type Agent struct {
 	mu        sync.Mutex               // serialises endpoint changes
 	endpoints map[api.Key]api.Endpoint // guarded by mu; mirrors store
 
-	ready     atomic.Bool
-	started   time.Time
-	recovered bool // a state file was unreadable and rebuilt at start
+	ready   atomic.Bool
+	started time.Time
 }
 
 type nicInfo struct {
@@ -314,6 +312,3 @@ func ensureBPFFS(root string, log *slog.Logger) error {
 	}
 	return fmt.Errorf("bpfRoot %s is not on bpffs: mount one (mount -t bpf bpf DIR) or use a directory under /sys/fs/bpf", root)
 }
-
-// errNotFound marks lookups of unknown attachments.
-var errNotFound = errors.New("not found")

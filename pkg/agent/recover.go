@@ -62,7 +62,6 @@ func (a *Agent) openPool(path string, opts ipam.Options) (*ipam.Pool, error) {
 	if moved != "" {
 		a.log.Error("the address store was unreadable; moved it aside and rebuilding allocations from the datapath and live veths",
 			"file", path, "movedTo", moved)
-		a.recovered = true
 	}
 	return pool, err
 }
@@ -73,7 +72,6 @@ func (a *Agent) openStore(path string) (*endpointStore, error) {
 	if moved != "" {
 		a.log.Error("the endpoint store was unreadable; moved it aside and rebuilding endpoints from the datapath and live veths",
 			"file", path, "movedTo", moved)
-		a.recovered = true
 	}
 	return store, err
 }

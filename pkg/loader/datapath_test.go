@@ -200,6 +200,19 @@ func (f *fixture) expectCounted(want maps.Reason, fn func()) {
 	}
 }
 
+// expectRedirect runs from_container on frame from ep, requires a redirect counted under
+// reason, and returns the frame as the program left it.
+func (f *fixture) expectRedirect(t *testing.T, reason maps.Reason, ep endpoint, frame []byte) []byte {
+	t.Helper()
+	var ret uint32
+	var out []byte
+	f.expectCounted(reason, func() { ret, out = f.fromContainer(ep, frame) })
+	if ret != actRedirect {
+		t.Fatalf("verdict %d, want redirect (%d)", ret, actRedirect)
+	}
+	return out
+}
+
 func (f *fixture) fromContainer(ep endpoint, frame []byte) (uint32, []byte) {
 	return f.run(f.dp.Objects.FromContainer, ep.hostIfindex, frame)
 }
@@ -312,34 +325,19 @@ func TestFromContainerToVNet(t *testing.T) {
 			nic, _ := netlink.LinkByName("nic0")
 			return netlink.NeighDel(&netlink.Neigh{LinkIndex: nic.Attrs().Index, IP: remoteIP.AsSlice(), Family: netlink.FAMILY_V4})
 		})
-		var ret uint32
-		var out []byte
-		f.expectCounted(loader.DatapathStatReasonFWD_TO_VNET, func() { ret, out = f.fromContainer(f.a, in) })
-		if ret != actRedirect {
-			t.Fatalf("verdict %d, want redirect", ret)
-		}
+		out := f.expectRedirect(t, loader.DatapathStatReasonFWD_TO_VNET, f.a, in)
 		// Azure accepts only the NIC's own MAC as source.
 		checkForwarded(t, in, out, neighMAC, nicMAC)
 	})
 	t.Run("no neighbour yet", func(t *testing.T) {
 		f.setNICForwarding(true)
 		defer f.setNICForwarding(false)
-		var ret uint32
-		var out []byte
-		f.expectCounted(loader.DatapathStatReasonFWD_TO_VNET, func() { ret, out = f.fromContainer(f.a, in) })
-		if ret != actRedirect {
-			t.Fatalf("verdict %d, want redirect (bpf_redirect_neigh)", ret)
-		}
+		out := f.expectRedirect(t, loader.DatapathStatReasonFWD_TO_VNET, f.a, in)
 		// bpf_redirect_neigh fills the MACs at transmit time; the TTL is ours.
 		checkForwarded(t, in, out, nil, nil)
 	})
 	t.Run("forwarding disabled on the node", func(t *testing.T) {
-		var ret uint32
-		var out []byte
-		f.expectCounted(loader.DatapathStatReasonFWD_TO_VNET, func() { ret, out = f.fromContainer(f.a, in) })
-		if ret != actRedirect {
-			t.Fatalf("verdict %d, want redirect (bpf_redirect_neigh)", ret)
-		}
+		out := f.expectRedirect(t, loader.DatapathStatReasonFWD_TO_VNET, f.a, in)
 		checkForwarded(t, in, out, nil, nil)
 	})
 	t.Run("blackhole route", func(t *testing.T) {
