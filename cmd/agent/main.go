@@ -59,7 +59,7 @@ func rootCmd() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), s)
 			}
 			w := table(cmd.OutOrStdout())
-			fmt.Fprintf(w, "Version:\t%s\nReady:\t%v\nNIC:\t%s\nAttach mode:\t%s\nEndpoints:\t%d\n", s.Version, s.Ready, s.NIC, s.AttachMode, s.Endpoints)
+			fmt.Fprintf(w, "Version:\t%s\nReady:\t%v\nNIC:\t%s\nAttach mode:\t%s (NIC), %s (endpoints)\nEndpoints:\t%d\n", s.Version, s.Ready, s.NIC, s.AttachMode, s.EndpointAttachMode, s.Endpoints)
 			fmt.Fprintf(w, "Pool (%s):\t%d addresses, %d allocated, %d free, %d cooling\n", s.Pool.Provider, s.Pool.Size, s.Pool.Used, s.Pool.Free, s.Pool.Cooling)
 			if s.CanAllocate {
 				fmt.Fprintf(w, "Can allocate:\tyes\n")

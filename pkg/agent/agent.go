@@ -118,7 +118,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	a.ready.Store(true)
 	a.log.Info("agent ready", "socket", a.cfg.Socket, "metrics", a.cfg.MetricsAddr, "nic", a.nic.name,
-		"attachMode", a.dp.Mode(), "endpoints", len(a.endpoints), "startup", time.Since(a.started).Round(time.Millisecond).String())
+		"attachMode", a.dp.Mode(), "endpointAttachMode", a.dp.EndpointMode(), "endpoints", len(a.endpoints), "startup", time.Since(a.started).Round(time.Millisecond).String())
 
 	select {
 	case <-ctx.Done():

@@ -214,7 +214,7 @@ func (a *Agent) status() api.Status {
 	pool.Addresses = nil
 	s := api.Status{
 		Version: Version, Ready: a.ready.Load(), Pool: pool, NIC: a.nic.name,
-		AttachMode: string(a.dp.Mode()), StartedAt: a.started.UTC(),
+		AttachMode: string(a.dp.Mode()), EndpointAttachMode: string(a.dp.EndpointMode()), StartedAt: a.started.UTC(),
 	}
 	a.mu.Lock()
 	s.Endpoints = len(a.endpoints)

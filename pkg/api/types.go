@@ -133,15 +133,16 @@ type GCResponse struct {
 
 // Status is the agent's health and whether it can give an address now.
 type Status struct {
-	Version     string    `json:"version"`
-	Ready       bool      `json:"ready"`
-	CanAllocate bool      `json:"canAllocate"`
-	Reason      string    `json:"reason,omitempty"` // why CanAllocate is false
-	Endpoints   int       `json:"endpoints"`
-	Pool        PoolState `json:"pool"`
-	NIC         string    `json:"nic"`
-	AttachMode  string    `json:"attachMode"`
-	StartedAt   time.Time `json:"startedAt"`
+	Version            string    `json:"version"`
+	Ready              bool      `json:"ready"`
+	CanAllocate        bool      `json:"canAllocate"`
+	Reason             string    `json:"reason,omitempty"` // why CanAllocate is false
+	Endpoints          int       `json:"endpoints"`
+	Pool               PoolState `json:"pool"`
+	NIC                string    `json:"nic"`
+	AttachMode         string    `json:"attachMode"`         // the NIC's: tcx or tc
+	EndpointAttachMode string    `json:"endpointAttachMode"` // the host veths': tcx or tc
+	StartedAt          time.Time `json:"startedAt"`
 }
 
 // DropEvent is one packet the datapath dropped, as `vnetbpf-agent monitor` prints it.

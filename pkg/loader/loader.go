@@ -1,6 +1,7 @@
 // Package loader loads the vnetbpf datapath (bpf/datapath.c), pins its maps under a bpffs
-// root, and attaches its programs to network devices with TCX, falling back to clsact and
-// cls_bpf on kernels without TCX.
+// root, and attaches its programs to network devices: the NIC's with TCX (clsact and cls_bpf
+// on kernels without TCX), endpoints' with clsact and cls_bpf, whose attach is fast enough
+// for the CNI ADD path (see ModeAuto).
 //
 // Layout under the root (default /sys/fs/bpf/vnetbpf):
 //
@@ -38,9 +39,10 @@ type Options struct {
 
 // Datapath is the loaded programs and maps.
 type Datapath struct {
-	root    string
-	mode    Mode
-	Objects DatapathObjects
+	root       string
+	configured Mode // as asked for in Options
+	mode       Mode // the NIC's: configured, with ModeAuto resolved at the first Attach
+	Objects    DatapathObjects
 
 	modeMu sync.Mutex
 }
@@ -61,7 +63,7 @@ func Load(opts Options) (*Datapath, error) {
 	if err := os.MkdirAll(filepath.Join(opts.Root, linksDir), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory: %w (is bpffs mounted at %s?)", err, filepath.Dir(opts.Root))
 	}
-	d := &Datapath{root: opts.Root, mode: opts.Mode}
+	d := &Datapath{root: opts.Root, configured: opts.Mode, mode: opts.Mode}
 	spec := opts.Spec
 	if spec == nil {
 		var err error

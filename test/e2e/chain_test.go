@@ -19,6 +19,7 @@ import (
 	"github.com/vnetbpf/vnetbpf/internal/testutils"
 	"github.com/vnetbpf/vnetbpf/pkg/agent"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
+	"github.com/vnetbpf/vnetbpf/pkg/loader"
 )
 
 // nftRuleset is `nft list ruleset` in node's namespace.
@@ -115,7 +116,10 @@ func qdiscPackets(t *testing.T, node *Node, dev, kind string) uint64 {
 // the DNAT and the client gets an answer from an address it did not call.
 func TestChainPortmapBandwidth(t *testing.T) {
 	tools := upstreamTools(t)
-	c := newClusterWith(t, "10.0.1.0/29", func(cfg *agent.Config) {})
+	// bandwidth's egress limit puts an ingress qdisc on the host veth, which cannot live
+	// beside the clsact qdisc of attachMode auto's cls_bpf filters: tcx is what
+	// docs/configuration.md tells clusters that shape egress to set.
+	c := newClusterWith(t, "10.0.1.0/29", func(cfg *agent.Config) { cfg.AttachMode = loader.ModeTCX })
 	const hostPort, ctrPort = 18080, 8080
 	list := c.conflist("1.1.0",
 		`{"type":"portmap","backend":"nftables","capabilities":{"portMappings":true}}`,

@@ -161,17 +161,29 @@ func (d *datapathNode) counts(t *testing.T) map[maps.Reason]uint64 {
 }
 
 // TestDatapath proves in real namespaces, with IP forwarding off and no proxy ARP on the
-// node, that the programs and nothing else move the packets, for both attach modes.
+// node, that the programs and nothing else move the packets, for every attach mode.
 func TestDatapath(t *testing.T) {
-	for _, mode := range []loader.Mode{loader.ModeTCX, loader.ModeTC} {
+	for _, mode := range []loader.Mode{loader.ModeTCX, loader.ModeTC, loader.ModeAuto} {
 		t.Run(string(mode), func(t *testing.T) { testDatapath(t, mode) })
 	}
 }
 
 func testDatapath(t *testing.T, mode loader.Mode) {
 	d := newDatapathNode(t, mode)
-	if got := d.dp.Mode(); got != mode {
-		t.Fatalf("attach mode %s, want %s", got, mode)
+	// auto: the NIC through TCX (this kernel has it), the veths through cls_bpf, whose
+	// attach costs no RCU grace period.
+	wantNIC, wantVeth := mode, mode
+	if mode == loader.ModeAuto {
+		wantNIC, wantVeth = loader.ModeTCX, loader.ModeTC
+	}
+	if got, gotVeth := d.dp.Mode(), d.dp.EndpointMode(); got != wantNIC || gotVeth != wantVeth {
+		t.Fatalf("attach modes %s (NIC), %s (endpoints); want %s, %s", got, gotVeth, wantNIC, wantVeth)
+	}
+	for dev, want := range map[string]loader.Mode{"eth0": wantNIC, d.a.HostDev: wantVeth} {
+		tcx, tc := progIDs(t, d.node, dev)
+		if (want == loader.ModeTCX) != (tcx != 0) || (want == loader.ModeTC) != (tc != 0) {
+			t.Errorf("%s: TCX program %d, cls_bpf program %d; want it attached with %s only", dev, tcx, tc, want)
+		}
 	}
 	testutils.Do(t, d.node.NS, func() error {
 		for _, k := range []string{"ip_forward", "conf/all/proxy_arp", "conf/eth0/proxy_arp"} {
@@ -333,9 +345,9 @@ func testDatapath(t *testing.T, mode loader.Mode) {
 // testModeSwitch: an agent restarted in the other attach mode replaces the old attachment;
 // the program of the old mode must not keep running in front of, or instead of, the new one.
 func testModeSwitch(t *testing.T, d *datapathNode, from loader.Mode) {
-	to := loader.ModeTC
-	if from == loader.ModeTC {
-		to = loader.ModeTCX
+	to := loader.ModeTCX // from tc, and from auto, whose veths are cls_bpf
+	if from == loader.ModeTCX {
+		to = loader.ModeTC
 	}
 	dp, err := loader.Load(loader.Options{Root: d.root, Mode: to})
 	must(t, err)
@@ -387,32 +399,9 @@ func progIDs(t *testing.T, node *Node, dev string) (tcx, tc uint32) {
 // attachedProgID is the ID of the program of ours on dev's ingress, 0 if none.
 func (d *datapathNode) attachedProgID(t *testing.T, dev string) uint32 {
 	t.Helper()
-	var id uint32
-	testutils.Do(t, d.node.NS, func() error {
-		l, err := netlink.LinkByName(dev)
-		if err != nil {
-			return err
-		}
-		if d.dp.Mode() == loader.ModeTCX {
-			res, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: ebpf.AttachTCXIngress})
-			if err != nil {
-				return err
-			}
-			for _, p := range res.Programs {
-				id = uint32(p.ID)
-			}
-			return nil
-		}
-		filters, err := netlink.FilterList(l, netlink.HANDLE_MIN_INGRESS)
-		if err != nil {
-			return err
-		}
-		for _, f := range filters {
-			if bf, ok := f.(*netlink.BpfFilter); ok {
-				id = uint32(bf.Id)
-			}
-		}
-		return nil
-	})
-	return id
+	tcx, tc := progIDs(t, d.node, dev)
+	if tcx != 0 {
+		return tcx
+	}
+	return tc
 }

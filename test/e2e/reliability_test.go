@@ -18,6 +18,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
 
 	"github.com/vnetbpf/vnetbpf/internal/testutils"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
@@ -127,23 +128,34 @@ func TestStateFileLoss(t *testing.T) {
 }
 
 // TestBPFFSWiped: pins gone (a reboot, someone's rm -rf) while containers live: the agent
-// rebuilds the maps from its store and the live veths and attaches again.
+// rebuilds the maps from its store and the live veths and attaches again. What the wipe
+// stops depends on how each device is attached: the NIC's TCX link goes with its pin, the
+// endpoints' cls_bpf filters are not pinned and keep forwarding between containers.
 func TestBPFFSWiped(t *testing.T) {
 	c := newCluster(t, "10.0.1.0/28")
 	cni := c.cni("1.1.0")
 	a, b := c.mustAdd(cni, "a"), c.mustAdd(cni, "b")
 	must(t, c.agent.Kill())
 	must(t, os.RemoveAll(c.agent.Config.BPFRoot))
-	// Unpinning detaches the programs once the kernel frees the links, a moment later.
-	testutils.Eventually(t, 5*time.Second, "the programs to detach with their pins", func() error {
-		if id := attachedTCX(t, c.node, api.HostVethName(api.Key{ContainerID: a.id, IfName: "eth0"})); id != 0 {
+	// Unpinning detaches the NIC's program once the kernel frees the link, a moment later.
+	testutils.Eventually(t, 5*time.Second, "the NIC's program to detach with its pin", func() error {
+		if id := attachedTCX(t, c.node, c.node.NIC); id != 0 {
 			return fmt.Errorf("program %d still attached", id)
 		}
 		return nil
 	})
-	expectNoPing(t, "a -> b without the datapath", a.ns, b.ip)
+	veth := api.HostVethName(api.Key{ContainerID: a.id, IfName: "eth0"})
+	old := attachedProg(t, c.node, veth)
+	if old == 0 {
+		t.Fatalf("no program on %s after the wipe: its cls_bpf filter has no pin to lose", veth)
+	}
+	expectNoPing(t, "fabric -> b without from_vnet", c.fabric.NS, b.ip)
+	expectPing(t, "a -> b on the unpinned filters, their maps held by the programs", a.ns, b.ip)
 	must(t, c.agent.Start())
 	expectState(t, c, []*container{a, b})
+	if now := attachedProg(t, c.node, veth); now == old || now == 0 {
+		t.Errorf("program on %s is %d after the rebuild, was %d: want the new one, on the new maps", veth, now, old)
+	}
 	expectPing(t, "a -> b after the agent rebuilt the datapath", a.ns, b.ip)
 	expectPing(t, "fabric -> b", c.fabric.NS, b.ip)
 }
@@ -196,11 +208,11 @@ func TestNoLossAcrossRestartsAndUpgrade(t *testing.T) {
 		}},
 		{"upgrade to a changed program", func() error {
 			veth := api.HostVethName(api.Key{ContainerID: a.id, IfName: "eth0"})
-			before := attachedTCX(t, c.node, veth)
+			before := attachedProg(t, c.node, veth)
 			if err := upgradePrograms(c); err != nil {
 				return err
 			}
-			if after := attachedTCX(t, c.node, veth); after == before || after == 0 {
+			if after := attachedProg(t, c.node, veth); after == before || after == 0 {
 				return fmt.Errorf("program on %s is %d after the upgrade, was %d: not replaced", veth, after, before)
 			}
 			return nil
@@ -249,17 +261,20 @@ func upgradePrograms(c *cluster) error {
 		return err
 	}
 	defer dp.Close()
-	pins, err := loader.LinkPins(c.agent.Config.BPFRoot)
-	if err != nil {
-		return err
-	}
 	return c.node.NS.Do(func(ns.NetNS) error {
-		for _, dev := range pins {
-			prog := loader.FromContainer
-			if dev == c.node.NIC {
-				prog = loader.FromVNet
+		if err := dp.Attach(c.node.NIC, loader.FromVNet); err != nil {
+			return err
+		}
+		// Every endpoint's host veth, however it is attached (a TCX link pin or a filter).
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			if !strings.HasPrefix(l.Attrs().Name, api.HostVethPrefix) {
+				continue
 			}
-			if err := dp.Attach(dev, prog); err != nil {
+			if err := dp.Attach(l.Attrs().Name, loader.FromContainer); err != nil {
 				return err
 			}
 		}
@@ -368,6 +383,17 @@ func TestCrashStorm(t *testing.T) {
 			t.Errorf("live container %s (%s) does not forward: %d replies, %v", ctr.id, ctr.ip, got, err)
 		}
 	}
+}
+
+// attachedProg is the ID of the program of ours on dev's ingress in node, TCX or cls_bpf,
+// 0 if none.
+func attachedProg(t *testing.T, node *Node, dev string) uint32 {
+	t.Helper()
+	tcx, tc := progIDs(t, node, dev)
+	if tcx != 0 {
+		return tcx
+	}
+	return tc
 }
 
 // attachedTCX is the ID of the program on dev's TCX ingress in node, 0 if none.
