@@ -8,6 +8,10 @@
 #include <linux/types.h>
 
 #define MAX_ENDPOINTS 65536
+/* Endpoint ids run from 1 to MAX_ENDPOINT_IDS - 1 and index endpoint_stats, a per-CPU
+ * array: 1,024 ids cost 32 KB per CPU. The agent hands out the lowest free id, so this caps
+ * the containers on one node, not the addresses in the endpoints map. */
+#define MAX_ENDPOINT_IDS 1024
 #define MAX_VNET_CIDRS 1024
 /* Room in the stats map for reasons added later: a map whose size changes cannot be reused
  * across an upgrade, and reusing the pinned maps is what keeps forwarding going. */
@@ -35,14 +39,20 @@ struct vnet_key {
 
 /* Bits of vnet_cidr.flags. */
 enum vnet_cidr_flags {
-	VNET_CIDR_F_HOST = 0x1, /* the node's own address: deliver to the host stack */
+	VNET_CIDR_F_HOST = 0x1,   /* the node's own address: deliver to the host stack */
+	VNET_CIDR_F_ONLINK = 0x2, /* on the NIC's link: the destination is its own next hop */
+	VNET_CIDR_F_VIA = 0x4,    /* reached through the gateway in nexthop, out of the NIC */
 };
 
 /* Value of the vnet_cidrs LPM trie. The node's own addresses are /32 entries with
  * VNET_CIDR_F_HOST, so that the longest match keeps them off the NIC even where the FIB
- * cannot be asked (forwarding disabled). */
+ * cannot be asked (forwarding disabled). A prefix with VNET_CIDR_F_ONLINK or
+ * VNET_CIDR_F_VIA carries its next hop, which the agent read from the node's routes: packets
+ * to it go out of the NIC through bpf_redirect_neigh without a FIB lookup. A prefix with
+ * neither is looked up in the FIB for every packet. */
 struct vnet_cidr {
-	__u32 flags;
+	__u32 flags;       /* enum vnet_cidr_flags */
+	__u8 nexthop[4];   /* the gateway, with VNET_CIDR_F_VIA */
 };
 
 /* Bits of node_config.flags. */
@@ -57,7 +67,7 @@ struct node_config {
 	__u32 nic_ifindex; /* 0 until the agent has attached to the NIC */
 	__u32 flags;       /* enum node_config_flags */
 	__u8 nic_mac[6];   /* Azure accepts only the NIC's own MAC as a source */
-	__u8 _pad[2];
+	__u16 nic_mtu;     /* larger packets (not GSO) take the FIB path, which answers FRAG_NEEDED */
 };
 
 /* Why a packet got the verdict it got; the key of the stats map. */
@@ -86,7 +96,7 @@ struct stat {
 	__u64 bytes;
 };
 
-/* Per-endpoint counts, indexed by endpoint.id. rx is towards the container. */
+/* Per-endpoint counts on one CPU, indexed by endpoint.id. rx is towards the container. */
 struct endpoint_stat {
 	__u64 rx_packets;
 	__u64 rx_bytes;
@@ -96,7 +106,7 @@ struct endpoint_stat {
 
 /* One dropped packet, sent to user space through the events ring buffer. */
 struct drop_event {
-	__u64 ts_ns;              /* bpf_ktime_get_ns */
+	__u64 ts_ns;              /* bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC, to a jiffy */
 	__u32 ifindex;            /* where it arrived */
 	__u32 reason;             /* enum stat_reason */
 	__u8 saddr[4];

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -58,6 +59,8 @@ type nicInfo struct {
 	mac   net.HardwareAddr
 	mtu   int
 	addrs []netip.Addr
+	// subnets are the prefixes of the NIC's addresses: on its link.
+	subnets []netip.Prefix
 }
 
 // grower is a provider that changes the pool's addresses over time (azure).
@@ -163,6 +166,10 @@ func (a *Agent) setup(ctx context.Context) error {
 	}
 	a.dp = dp
 	a.maps = maps.FromObjects(&dp.Objects)
+	if len(dp.Replaced) > 0 {
+		a.log.Warn("maps pinned by another version had another definition: replaced them with new ones, filled from this agent's state; running containers keep forwarding on the old ones until their programs are replaced",
+			"maps", dp.Replaced, "root", a.cfg.BPFRoot)
+	}
 	if err := a.setupNIC(); err != nil {
 		return err
 	}
@@ -189,6 +196,9 @@ func (a *Agent) setup(ctx context.Context) error {
 	if err := a.reconcile(); err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}
+	if err := a.dp.Attach(a.nic.name, loader.FromVNet); err != nil {
+		return err
+	}
 	a.metrics = newMetrics(a)
 	if a.events, err = newEventHub(a.maps, a.log); err != nil {
 		return err
@@ -197,7 +207,8 @@ func (a *Agent) setup(ctx context.Context) error {
 }
 
 // setupNIC points the datapath at the NIC: its config entry, the VNet prefixes and the
-// node's own addresses, and from_vnet on its ingress.
+// node's own addresses. from_vnet is attached to it after reconcile has written every
+// endpoint.
 func (a *Agent) setupNIC() error {
 	l, err := netlink.LinkByName(a.cfg.NIC)
 	if err != nil {
@@ -212,6 +223,9 @@ func (a *Agent) setupNIC() error {
 	for _, ad := range addrs {
 		if ip, ok := netip.AddrFromSlice(ad.IP.To4()); ok {
 			a.nic.addrs = append(a.nic.addrs, ip)
+			if ones, _ := ad.Mask.Size(); ones < 32 {
+				a.nic.subnets = append(a.nic.subnets, netip.PrefixFrom(ip, ones).Masked())
+			}
 		}
 	}
 	mac, err := maps.MAC(attrs.HardwareAddr)
@@ -222,31 +236,22 @@ func (a *Agent) setupNIC() error {
 	if a.cfg.AllowIMDS {
 		flags |= uint32(loader.DatapathNodeConfigFlagsCONFIG_F_ALLOW_IMDS)
 	}
-	if err := a.maps.SetConfig(maps.NodeConfig{NicIfindex: uint32(attrs.Index), NicMac: mac, Flags: flags}); err != nil {
+	if attrs.MTU > 0xffff {
+		return fmt.Errorf("nic %s: MTU %d does not fit the datapath's config", a.cfg.NIC, attrs.MTU)
+	}
+	if err := a.maps.SetConfig(maps.NodeConfig{NicIfindex: uint32(attrs.Index), NicMac: mac, NicMtu: uint16(attrs.MTU), Flags: flags}); err != nil {
 		return err
 	}
-	if err := a.syncVNetCIDRs(); err != nil {
-		return err
-	}
-	if err := a.dp.Attach(a.nic.name, loader.FromVNet); err != nil {
-		return err
-	}
-	return nil
+	return a.syncVNetCIDRs()
 }
 
-// syncVNetCIDRs makes the vnet_cidrs map hold exactly the configured prefixes and the NIC's
-// own addresses, adding before removing so no lookup misses in between.
+// syncVNetCIDRs makes the vnet_cidrs map hold exactly the configured prefixes, the NIC's own
+// subnets inside them and the NIC's own addresses, adding before removing so no lookup
+// misses in between.
 func (a *Agent) syncVNetCIDRs() error {
-	want := make(map[maps.VNetCIDR]bool)
-	for _, p := range a.vnet {
-		want[maps.VNetCIDR{Prefix: p}] = true
-		if err := a.maps.AddVNetCIDR(p); err != nil {
-			return err
-		}
-	}
-	for _, ip := range a.nic.addrs {
-		want[maps.VNetCIDR{Prefix: netip.PrefixFrom(ip, 32), Host: true}] = true
-		if err := a.maps.AddHostAddress(ip); err != nil {
+	want := a.vnetEntries()
+	for _, c := range want {
+		if err := a.maps.PutVNetCIDR(c); err != nil {
 			return err
 		}
 	}
@@ -255,13 +260,66 @@ func (a *Agent) syncVNetCIDRs() error {
 		return err
 	}
 	for _, c := range have {
-		if !want[c] {
+		if !slices.Contains(want, c) {
 			if err := a.maps.DeleteVNetCIDR(c.Prefix); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// vnetEntries is what the vnet_cidrs map should hold. Each configured prefix carries the next
+// hop the node's own routes give it, so that the programs skip the FIB: the NIC's subnets are
+// on its link (Azure answers ARP for every address in them), other prefixes go through
+// the gateway of the route that covers them. A prefix the node routes elsewhere, or not at
+// all, gets no next hop and the programs ask the FIB for each packet, as before.
+func (a *Agent) vnetEntries() []maps.VNetCIDR {
+	var want []maps.VNetCIDR
+	add := func(c maps.VNetCIDR) {
+		if !slices.ContainsFunc(want, func(w maps.VNetCIDR) bool { return w.Prefix == c.Prefix }) {
+			want = append(want, c)
+		}
+	}
+	for _, ip := range a.nic.addrs {
+		add(maps.VNetCIDR{Prefix: netip.PrefixFrom(ip, 32), Host: true})
+	}
+	for _, s := range a.nic.subnets {
+		for _, p := range a.vnet {
+			if p.Bits() <= s.Bits() && p.Contains(s.Addr()) {
+				add(maps.VNetCIDR{Prefix: s, OnLink: true})
+				break
+			}
+		}
+	}
+	for _, p := range a.vnet {
+		c := maps.VNetCIDR{Prefix: p}
+		c.OnLink, c.Via = a.nextHop(p)
+		add(c)
+	}
+	return want
+}
+
+// nextHop is how the node's routing table reaches p out of the NIC: on its link, or through
+// a gateway. Neither, when the route goes elsewhere or the kernel has none.
+func (a *Agent) nextHop(p netip.Prefix) (onLink bool, via netip.Addr) {
+	probe := p.Addr()
+	if p.Bits() < 32 {
+		probe = probe.Next() // not the network address, which a subnet may make special
+	}
+	routes, err := netlink.RouteGet(probe.AsSlice())
+	if err != nil || len(routes) == 0 {
+		a.log.Warn("no route to a VNet prefix; its packets take the FIB", "prefix", p.String(), "err", err)
+		return false, netip.Addr{}
+	}
+	r := routes[0]
+	if r.LinkIndex != a.nic.index || r.Type != unix.RTN_UNICAST || len(r.MultiPath) > 0 {
+		return false, netip.Addr{}
+	}
+	if gw, ok := netip.AddrFromSlice(r.Gw.To4()); ok && r.Gw != nil {
+		return false, gw
+	}
+	return true, netip.Addr{}
 }
 
 func (a *Agent) close() {

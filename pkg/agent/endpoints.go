@@ -192,6 +192,14 @@ func (a *Agent) putEndpoint(req api.EndpointRequest) (api.Endpoint, *apiError) {
 // program writes ep's map entry and attaches from_container to its host veth. fresh zeroes
 // its counters, for an id that may have served an earlier endpoint.
 func (a *Agent) program(ep api.Endpoint, fresh bool) error {
+	if err := a.writeEndpoint(ep, fresh); err != nil {
+		return err
+	}
+	return a.dp.Attach(ep.HostIfName, loader.FromContainer)
+}
+
+// writeEndpoint writes ep's entry in the endpoints map (and zeroes its counters if fresh).
+func (a *Agent) writeEndpoint(ep api.Endpoint, fresh bool) error {
 	cmac, err := macOf(ep.ContainerMAC)
 	if err != nil {
 		return err
@@ -205,10 +213,7 @@ func (a *Agent) program(ep api.Endpoint, fresh bool) error {
 			return err
 		}
 	}
-	if err := a.maps.PutEndpoint(ep.IP, maps.Endpoint{Ifindex: uint32(ep.HostIfIndex), Id: ep.ID, Mac: cmac, HostMac: hmac}); err != nil {
-		return err
-	}
-	return a.dp.Attach(ep.HostIfName, loader.FromContainer)
+	return a.maps.PutEndpoint(ep.IP, maps.Endpoint{Ifindex: uint32(ep.HostIfIndex), Id: ep.ID, Mac: cmac, HostMac: hmac})
 }
 
 func macOf(s string) ([6]byte, error) {
@@ -251,7 +256,7 @@ func (a *Agent) freeID() (uint32, error) {
 	for _, ep := range a.endpoints {
 		used[ep.ID] = true
 	}
-	return freeIDOf(used)
+	return freeIDOf(used, a.maps.MaxEndpointIDs())
 }
 
 func validateEndpoint(req api.EndpointRequest) *apiError {
@@ -337,7 +342,9 @@ func (a *Agent) gc(valid []api.Key) (api.GCResponse, *apiError) {
 
 // reconcile makes store, pool, map and links agree at start: endpoints whose host veth is gone
 // are removed and their addresses freed; live ones are written to the map and attached again
-// (replacing an older program); map entries and link pins nobody owns are removed.
+// (replacing an older program); map entries and link pins nobody owns are removed. Every
+// entry is written before the first program is attached, so that a new program on maps that
+// an upgrade replaced finds every peer.
 func (a *Agent) reconcile() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -371,10 +378,25 @@ func (a *Agent) reconcile() error {
 			}
 			a.endpoints[ep.Key] = ep
 		}
-		if err := a.program(ep, false); err != nil {
+		if err := a.writeEndpoint(ep, false); err != nil {
 			return fmt.Errorf("restore endpoint %s: %w", ep.Key, err)
 		}
 		live[ep.HostIfName] = true
+	}
+	for _, ep := range a.endpoints {
+		err := a.dp.Attach(ep.HostIfName, loader.FromContainer)
+		if err != nil && !linkExists(ep.HostIfName) {
+			// The runtime's DEL removed the veth since the loop above (it does not need us).
+			a.log.Info("container is gone; removing its endpoint", "key", ep.Key.String(), "veth", ep.HostIfName)
+			if aerr := a.removeLocked(ep.Key, "host veth gone"); aerr != nil {
+				return aerr
+			}
+			delete(live, ep.HostIfName)
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("restore endpoint %s: %w", ep.Key, err)
+		}
 	}
 
 	// An allocation without an endpoint belongs to an ADD that never finished: the agent died

@@ -114,7 +114,7 @@ func (a *Agent) rebuild() error {
 			continue
 		}
 		if id := ep.ID; id == 0 || usedIDs[id] {
-			if ep.ID, err = freeIDOf(usedIDs); err != nil {
+			if ep.ID, err = freeIDOf(usedIDs, a.maps.MaxEndpointIDs()); err != nil {
 				return err
 			}
 		}
@@ -168,11 +168,12 @@ func (a *Agent) endpointFromKernel(l netlink.Link, k api.Key, inMap map[netip.Ad
 	return ep, nil
 }
 
-func freeIDOf(used map[uint32]bool) (uint32, error) {
-	for id := uint32(1); id < 65536; id++ {
+// freeIDOf is the lowest id from 1 below limit (the size of endpoint_stats) not in used.
+func freeIDOf(used map[uint32]bool, limit uint32) (uint32, error) {
+	for id := uint32(1); id < limit; id++ {
 		if !used[id] {
 			return id, nil
 		}
 	}
-	return 0, fmt.Errorf("all 65,535 endpoint ids are in use")
+	return 0, fmt.Errorf("all %d endpoint ids are in use: this node has the most containers the datapath counts (endpoint_stats holds %d)", limit-1, limit)
 }

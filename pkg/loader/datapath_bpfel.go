@@ -56,7 +56,7 @@ type DatapathNodeConfig struct {
 	NicIfindex uint32
 	Flags      uint32
 	NicMac     [6]uint8
-	Pad        [2]uint8
+	NicMtu     uint16
 }
 
 type DatapathNodeConfigFlags uint32
@@ -93,14 +93,17 @@ const (
 )
 
 type DatapathVnetCidr struct {
-	_     structs.HostLayout
-	Flags uint32
+	_       structs.HostLayout
+	Flags   uint32
+	Nexthop [4]uint8
 }
 
 type DatapathVnetCidrFlags uint32
 
 const (
-	DatapathVnetCidrFlagsVNET_CIDR_F_HOST DatapathVnetCidrFlags = 1
+	DatapathVnetCidrFlagsVNET_CIDR_F_HOST   DatapathVnetCidrFlags = 1
+	DatapathVnetCidrFlagsVNET_CIDR_F_ONLINK DatapathVnetCidrFlags = 2
+	DatapathVnetCidrFlagsVNET_CIDR_F_VIA    DatapathVnetCidrFlags = 4
 )
 
 type DatapathVnetKey struct {

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
+	"slices"
 	"testing"
 	"time"
 
@@ -353,6 +354,72 @@ func TestFromContainerToVNet(t *testing.T) {
 				t.Fatalf("verdict %d, want drop", ret)
 			}
 		})
+	})
+}
+
+// TestFromContainerToVNetNextHop: a prefix whose next hop the agent wrote goes out through
+// bpf_redirect_neigh without asking the FIB. The FIB here says blackhole for the destination
+// and knows its neighbour: the FIB path would drop it, or write the neighbour's MAC. Frames
+// larger than the NIC's MTU, and any frame while the MTU is unset, take the FIB path.
+func TestFromContainerToVNetNextHop(t *testing.T) {
+	f := newFixture(t)
+	f.setNICForwarding(true)
+	dst := netip.MustParseAddr("10.0.9.9")
+	testutils.Do(t, f.netns, func() error {
+		nic, _ := netlink.LinkByName("nic0")
+		if err := netlink.NeighAdd(&netlink.Neigh{LinkIndex: nic.Attrs().Index, IP: dst.AsSlice(), HardwareAddr: neighMAC, State: netlink.NUD_PERMANENT, Family: netlink.FAMILY_V4}); err != nil {
+			return err
+		}
+		return netlink.RouteAdd(&netlink.Route{Dst: &net.IPNet{IP: net.IP{10, 0, 9, 0}, Mask: net.CIDRMask(24, 32)}, Type: 6 /* RTN_BLACKHOLE */})
+	})
+	mac, _ := maps.MAC(nicMAC)
+	setMTU := func(mtu uint16) {
+		if err := f.m.SetConfig(maps.NodeConfig{NicIfindex: uint32(f.nicIdx), NicMac: mac, NicMtu: mtu}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	in := udp(f.a, host{dst, f.a.hostMAC}).Frame()
+	for _, c := range []maps.VNetCIDR{
+		{Prefix: netip.MustParsePrefix("10.0.9.0/24"), OnLink: true},
+		{Prefix: netip.MustParsePrefix("10.0.9.0/24"), Via: netip.MustParseAddr("10.0.0.1")},
+	} {
+		name := "on link"
+		if c.Via.IsValid() {
+			name = "via " + c.Via.String()
+		}
+		t.Run(name, func(t *testing.T) {
+			if err := f.m.PutVNetCIDR(c); err != nil {
+				t.Fatal(err)
+			}
+			got, err := f.m.ListVNetCIDRs()
+			if err != nil || !slices.Contains(got, c) {
+				t.Fatalf("vnet_cidrs %v (%v), want it to hold %+v", got, err, c)
+			}
+			setMTU(1500)
+			out := f.expectRedirect(t, loader.DatapathStatReasonFWD_TO_VNET, f.a, in)
+			// The MACs are bpf_redirect_neigh's to fill at transmit: the FIB's neighbour
+			// MAC would be here had the FIB been asked.
+			checkForwarded(t, in, out, f.a.hostMAC, f.a.mac)
+
+			for _, mtu := range []uint16{uint16(len(in) - 14 - 1), 0} {
+				setMTU(mtu)
+				f.expectCounted(loader.DatapathStatReasonDROP_NO_ROUTE, func() {
+					if ret, _ := f.fromContainer(f.a, in); ret != actShot {
+						t.Errorf("NIC MTU %d, a %d-byte packet: verdict %d, want the FIB path's drop", mtu, len(in)-14, ret)
+					}
+				})
+			}
+		})
+	}
+	t.Run("invalid entries are refused", func(t *testing.T) {
+		for _, c := range []maps.VNetCIDR{
+			{Prefix: netip.MustParsePrefix("10.0.9.0/24"), OnLink: true, Via: netip.MustParseAddr("10.0.0.1")},
+			{Prefix: netip.MustParsePrefix("10.0.0.4/32"), Host: true, OnLink: true},
+		} {
+			if err := f.m.PutVNetCIDR(c); err == nil {
+				t.Errorf("PutVNetCIDR(%+v) succeeded, want an error", c)
+			}
+		}
 	})
 }
 

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -42,14 +43,20 @@ type Datapath struct {
 	root       string
 	configured Mode // as asked for in Options
 	mode       Mode // the NIC's: configured, with ModeAuto resolved at the first Attach
-	Objects    DatapathObjects
+	// Replaced names the pinned maps Load found with another definition (an upgrade that
+	// changed them) and replaced with new, empty ones.
+	Replaced []string
+	Objects  DatapathObjects
 
 	modeMu sync.Mutex
 }
 
 // Load loads the datapath, pinning its maps under opts.Root or reusing the maps already
-// pinned there (their entries are kept). A pinned map whose definition changed is an error
-// that names it, since silently replacing it would drop every endpoint.
+// pinned there (their entries are kept). A pinned map whose definition changed (a new
+// version's) is unpinned and created anew, empty, and named in Replaced: the programs
+// attached now keep the old map, which lives as long as they do, so forwarding goes on
+// until the caller has filled the new maps and attached the new programs. Every map is
+// state the agent can write again from its store and the node.
 func Load(opts Options) (*Datapath, error) {
 	if opts.Root == "" {
 		opts.Root = DefaultRoot
@@ -71,11 +78,17 @@ func Load(opts Options) (*Datapath, error) {
 			return nil, fmt.Errorf("load datapath spec: %w", err)
 		}
 	}
-	err := spec.LoadAndAssign(&d.Objects, &ebpf.CollectionOptions{
-		Maps: ebpf.MapOptions{PinPath: opts.Root},
-	})
+	load := func() error {
+		return spec.LoadAndAssign(&d.Objects, &ebpf.CollectionOptions{
+			Maps: ebpf.MapOptions{PinPath: opts.Root},
+		})
+	}
+	err := load()
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
-		return nil, fmt.Errorf("load datapath: a map pinned under %s is from an incompatible version; run 'vnetbpf-agent uninstall' to remove the old datapath: %w", opts.Root, err)
+		if d.Replaced, err = unpinIncompatible(spec, opts.Root); err != nil {
+			return nil, fmt.Errorf("load datapath: %w", err)
+		}
+		err = load()
 	}
 	var verr *ebpf.VerifierError
 	if errors.As(err, &verr) {
@@ -85,6 +98,35 @@ func Load(opts Options) (*Datapath, error) {
 		return nil, fmt.Errorf("load datapath: %w", err)
 	}
 	return d, nil
+}
+
+// unpinIncompatible removes the pins under root of maps whose definition differs from spec's.
+func unpinIncompatible(spec *ebpf.CollectionSpec, root string) ([]string, error) {
+	var replaced []string
+	for name, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		pin := filepath.Join(root, name)
+		m, err := ebpf.LoadPinnedMap(pin, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open pinned map %s: %w", pin, err)
+		}
+		incompatible := ms.Compatible(m) != nil
+		m.Close()
+		if !incompatible {
+			continue
+		}
+		if err := os.Remove(pin); err != nil {
+			return nil, fmt.Errorf("replace map %s of another version: %w", pin, err)
+		}
+		replaced = append(replaced, name)
+	}
+	slices.Sort(replaced)
+	return replaced, nil
 }
 
 // Root is the bpffs directory the datapath is pinned under.

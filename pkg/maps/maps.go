@@ -186,24 +186,42 @@ func vnetKey(p netip.Prefix) (loader.DatapathVnetKey, error) {
 	return loader.DatapathVnetKey{Prefixlen: uint32(p.Bits()), Ip: p.Addr().As4()}, nil
 }
 
-// AddVNetCIDR marks p as reachable directly through the NIC.
+// AddVNetCIDR marks p as reachable directly through the NIC, next hop from the FIB.
 func (m *Maps) AddVNetCIDR(p netip.Prefix) error {
-	return m.putVNet(p, 0)
+	return m.PutVNetCIDR(VNetCIDR{Prefix: p})
 }
 
 // AddHostAddress marks one of the node's own addresses, which lies inside a VNet prefix, as
 // the host's: containers reach it through the host stack, never the NIC.
 func (m *Maps) AddHostAddress(a netip.Addr) error {
-	return m.putVNet(netip.PrefixFrom(a, a.BitLen()), uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_HOST))
+	return m.PutVNetCIDR(VNetCIDR{Prefix: netip.PrefixFrom(a, a.BitLen()), Host: true})
 }
 
-func (m *Maps) putVNet(p netip.Prefix, flags uint32) error {
-	k, err := vnetKey(p)
+// PutVNetCIDR adds or replaces the entry for c.Prefix.
+func (m *Maps) PutVNetCIDR(c VNetCIDR) error {
+	k, err := vnetKey(c.Prefix)
 	if err != nil {
 		return err
 	}
-	if err := m.VNetCIDRs.Put(k, loader.DatapathVnetCidr{Flags: flags}); err != nil {
-		return fmt.Errorf("add VNet prefix %s: %w", p, err)
+	var v loader.DatapathVnetCidr
+	switch {
+	case c.Host && (c.OnLink || c.Via.IsValid()):
+		return fmt.Errorf("VNet prefix %s: a host address has no next hop", c.Prefix)
+	case c.OnLink && c.Via.IsValid():
+		return fmt.Errorf("VNet prefix %s: on-link or via %s, not both", c.Prefix, c.Via)
+	case c.Host:
+		v.Flags = uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_HOST)
+	case c.OnLink:
+		v.Flags = uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_ONLINK)
+	case c.Via.IsValid():
+		if !c.Via.Is4() {
+			return fmt.Errorf("VNet prefix %s: next hop %s is not IPv4", c.Prefix, c.Via)
+		}
+		v.Flags = uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_VIA)
+		v.Nexthop = c.Via.As4()
+	}
+	if err := m.VNetCIDRs.Put(k, v); err != nil {
+		return fmt.Errorf("add VNet prefix %s: %w", c.Prefix, err)
 	}
 	return nil
 }
@@ -220,10 +238,13 @@ func (m *Maps) DeleteVNetCIDR(p netip.Prefix) error {
 	return nil
 }
 
-// VNetCIDR is an entry of the vnet_cidrs map.
+// VNetCIDR is an entry of the vnet_cidrs map. At most one of Host, OnLink and Via is set;
+// with none, the programs ask the FIB for the next hop of every packet to Prefix.
 type VNetCIDR struct {
 	Prefix netip.Prefix
-	Host   bool // one of the node's own addresses
+	Host   bool       // one of the node's own addresses
+	OnLink bool       // on the NIC's link: each destination is its own next hop
+	Via    netip.Addr // the gateway out of the NIC, or the zero Addr
 }
 
 // ListVNetCIDRs lists the entries of the vnet_cidrs map.
@@ -233,10 +254,15 @@ func (m *Maps) ListVNetCIDRs() ([]VNetCIDR, error) {
 	var v loader.DatapathVnetCidr
 	it := m.VNetCIDRs.Iterate()
 	for it.Next(&k, &v) {
-		out = append(out, VNetCIDR{
+		c := VNetCIDR{
 			Prefix: netip.PrefixFrom(netip.AddrFrom4(k.Ip), int(k.Prefixlen)),
 			Host:   v.Flags&uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_HOST) != 0,
-		})
+			OnLink: v.Flags&uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_ONLINK) != 0,
+		}
+		if v.Flags&uint32(loader.DatapathVnetCidrFlagsVNET_CIDR_F_VIA) != 0 {
+			c.Via = netip.AddrFrom4(v.Nexthop)
+		}
+		out = append(out, c)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list VNet prefixes: %w", err)
@@ -262,19 +288,35 @@ func (m *Maps) ReadStats() (map[Reason]Stat, error) {
 	return out, nil
 }
 
-// ReadEndpointStat returns the counts of the endpoint with the given id.
+// ReadEndpointStat returns the counts of the endpoint with the given id, summed over CPUs.
 func (m *Maps) ReadEndpointStat(id uint32) (EndpointStat, error) {
-	var s EndpointStat
-	if err := m.EndpointStats.Lookup(id, &s); err != nil {
-		return s, fmt.Errorf("read endpoint stats %d: %w", id, err)
+	var sum EndpointStat
+	var perCPU []EndpointStat
+	if err := m.EndpointStats.Lookup(id, &perCPU); err != nil {
+		return sum, fmt.Errorf("read endpoint stats %d: %w", id, err)
 	}
-	return s, nil
+	for _, s := range perCPU {
+		sum.RxPackets += s.RxPackets
+		sum.RxBytes += s.RxBytes
+		sum.TxPackets += s.TxPackets
+		sum.TxBytes += s.TxBytes
+	}
+	return sum, nil
 }
 
-// ResetEndpointStat zeroes the counts of id, for an id handed to a new endpoint.
+// ResetEndpointStat zeroes the counts of id on every CPU, for an id handed to a new endpoint.
 func (m *Maps) ResetEndpointStat(id uint32) error {
-	if err := m.EndpointStats.Put(id, EndpointStat{}); err != nil {
+	n, err := ebpf.PossibleCPU()
+	if err != nil {
+		return err
+	}
+	if err := m.EndpointStats.Put(id, make([]EndpointStat, n)); err != nil {
 		return fmt.Errorf("reset endpoint stats %d: %w", id, err)
 	}
 	return nil
+}
+
+// MaxEndpointIDs is one more than the largest endpoint id: the size of endpoint_stats.
+func (m *Maps) MaxEndpointIDs() uint32 {
+	return m.EndpointStats.MaxEntries()
 }

@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -21,6 +23,7 @@ import (
 	"github.com/vnetbpf/vnetbpf/internal/testutils"
 	"github.com/vnetbpf/vnetbpf/pkg/agent"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
+	"github.com/vnetbpf/vnetbpf/pkg/loader"
 	"github.com/vnetbpf/vnetbpf/pkg/maps"
 )
 
@@ -154,6 +157,48 @@ func hostVethExists(t *testing.T, node *Node, name string) bool {
 		return nil
 	})
 	return exists
+}
+
+// TestAgentNextHops: the agent gives each VNet prefix the next hop the node's routes give it,
+// so that from_container skips the FIB: the node's /16 is on the NIC's link, a prefix behind
+// the default route goes through its gateway. Containers reach both through those entries.
+func TestAgentNextHops(t *testing.T) {
+	beyond := netip.MustParsePrefix("10.9.0.0/16") // another VNet prefix, routed by the gateway
+	far := netip.MustParseAddr("10.9.0.1")
+	c := newClusterWith(t, "10.0.1.0/29", func(cfg *agent.Config) {
+		cfg.VNetCIDRs = append(cfg.VNetCIDRs, beyond.String())
+	})
+	// The fabric answers for far itself, as a VM in a peered VNet would.
+	testutils.Do(t, c.fabric.NS, func() error {
+		lo, err := netlink.LinkByName("lo")
+		if err != nil {
+			return err
+		}
+		return netlink.AddrAdd(lo, &netlink.Addr{IPNet: &net.IPNet{IP: far.AsSlice(), Mask: net.CIDRMask(32, 32)}})
+	})
+	got, err := c.maps().ListVNetCIDRs()
+	must(t, err)
+	for _, want := range []maps.VNetCIDR{
+		{Prefix: c.fabric.Prefix, OnLink: true},
+		{Prefix: beyond, Via: c.fabric.Gateway},
+		{Prefix: netip.PrefixFrom(c.node.Primary, 32), Host: true},
+	} {
+		if !slices.Contains(got, want) {
+			t.Errorf("vnet_cidrs %+v: want %+v among them", got, want)
+		}
+	}
+	a := c.mustAdd(c.cni("1.1.0"), "a")
+	toVNet := func() uint64 {
+		s, err := c.maps().ReadStats()
+		must(t, err)
+		return s[loader.DatapathStatReasonFWD_TO_VNET].Packets
+	}
+	before := toVNet()
+	expectPing(t, "a -> fabric gateway (on link)", a.ns, c.fabric.Gateway)
+	expectPing(t, "a -> a VM behind the gateway", a.ns, far)
+	if n := toVNet() - before; n < 2 {
+		t.Errorf("FWD_TO_VNET moved by %d, want the pings' requests counted", n)
+	}
 }
 
 // TestCNILifecycle runs ADD, CHECK and DEL through libcni for every supported spec version
