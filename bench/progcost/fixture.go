@@ -29,6 +29,14 @@ var (
 	vnetPrefix = netip.MustParsePrefix("10.0.0.0/16")
 	addrA      = netip.MustParseAddr("10.0.0.10")
 	addrB      = netip.MustParseAddr("10.0.0.11")
+	// The agent gives the NIC's subnet (vnetPrefix) an on-link next hop and another VNet
+	// prefix the gateway; fibPrefix inside the subnet stands for a prefix without a next hop
+	// (one the node routes elsewhere), whose packets ask the FIB.
+	fibPrefix  = netip.MustParsePrefix("10.0.0.0/20")
+	viaPrefix  = netip.MustParsePrefix("10.3.0.0/16")
+	viaGateway = netip.MustParseAddr("10.0.0.1")
+	onLinkIP   = netip.MustParseAddr("10.0.20.5") // in the subnet, outside fibPrefix
+	viaIP      = netip.MustParseAddr("10.3.0.5")
 	remoteIP   = netip.MustParseAddr("10.0.5.5") // in the VNet, with a neighbour entry
 	unknownIP  = netip.MustParseAddr("10.0.5.6") // in the VNet, no neighbour yet
 	blackholed = netip.MustParseAddr("10.0.9.9") // in the VNet, blackhole route
@@ -275,14 +283,20 @@ func (f *Fixture) newInstance(size int) (*Instance, error) {
 	if err := fillEndpoints(m, size-2); err != nil {
 		return nil, err
 	}
-	if err := m.AddVNetCIDR(vnetPrefix); err != nil {
-		return nil, err
+	for _, c := range []maps.VNetCIDR{
+		{Prefix: vnetPrefix, OnLink: true},
+		{Prefix: viaPrefix, Via: viaGateway},
+		{Prefix: fibPrefix},
+	} {
+		if err := m.PutVNetCIDR(c); err != nil {
+			return nil, err
+		}
 	}
 	if err := m.AddHostAddress(nicIP); err != nil {
 		return nil, err
 	}
 	nm, _ := maps.MAC(nicMAC)
-	if err := m.SetConfig(maps.NodeConfig{NicIfindex: uint32(f.idx.nic), NicMac: nm}); err != nil {
+	if err := m.SetConfig(maps.NodeConfig{NicIfindex: uint32(f.idx.nic), NicMac: nm, NicMtu: 1500}); err != nil {
 		return nil, err
 	}
 	return inst, nil
