@@ -222,7 +222,35 @@ func NewCluster(ctx context.Context, mode Mode, opts Options) (*Cluster, error) 
 		}
 		*x.dst = ep
 	}
+	if mode == VNetBPF {
+		// Measure the datapath a node settles into: the agent moves new endpoints from
+		// their cls_bpf filter to TCX once no CNI request runs.
+		for _, a := range c.Agents {
+			if err := waitSettled(ctx, a, 10*time.Second); err != nil {
+				return c, err
+			}
+		}
+	}
 	return c, nil
+}
+
+// waitSettled waits until agent a has no endpoint left on cls_bpf.
+func waitSettled(ctx context.Context, a *e2e.Agent, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		s, err := a.Client().Status(ctx)
+		if err == nil && s.EndpointsOnClsBPF == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("agent's endpoints not moved to TCX after %s: %+v (%v)", timeout, s, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // setUpNode starts what the plugin needs on node i and loads its CNI configuration. subnet

@@ -59,7 +59,7 @@ func rootCmd() *cobra.Command {
 				return printJSON(cmd.OutOrStdout(), s)
 			}
 			w := table(cmd.OutOrStdout())
-			fmt.Fprintf(w, "Version:\t%s\nReady:\t%v\nNIC:\t%s\nAttach mode:\t%s (NIC), %s (endpoints)\nEndpoints:\t%d\n", s.Version, s.Ready, s.NIC, s.AttachMode, s.EndpointAttachMode, s.Endpoints)
+			fmt.Fprintf(w, "Version:\t%s\nReady:\t%v\nNIC:\t%s\nAttach mode:\t%s (NIC), %s (endpoints)%s\nEndpoints:\t%d\n", s.Version, s.Ready, s.NIC, s.AttachMode, s.EndpointAttachMode, onClsBPF(s), s.Endpoints)
 			fmt.Fprintf(w, "Pool (%s):\t%d addresses, %d allocated, %d free, %d cooling\n", s.Pool.Provider, s.Pool.Size, s.Pool.Used, s.Pool.Free, s.Pool.Cooling)
 			if s.CanAllocate {
 				fmt.Fprintf(w, "Can allocate:\tyes\n")
@@ -304,4 +304,12 @@ func formatEvent(ev api.DropEvent) string {
 		fmt.Fprintf(&b, " src-mac %s", ev.SrcMAC)
 	}
 	return b.String()
+}
+
+// onClsBPF says how many endpoints attachMode auto has not yet moved to TCX, if any.
+func onClsBPF(s api.Status) string {
+	if s.EndpointsOnClsBPF == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; %d on cls_bpf until the node is quiet", s.EndpointsOnClsBPF)
 }

@@ -48,6 +48,7 @@ type Agent struct {
 
 	mu        sync.Mutex               // serialises endpoint changes
 	endpoints map[api.Key]api.Endpoint // guarded by mu; mirrors store
+	settle    *settler                 // background attach work; its maps guarded by mu
 
 	ready   atomic.Bool
 	started time.Time
@@ -76,7 +77,7 @@ func New(cfg Config, log *slog.Logger) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("invalid configuration: %w", err)
 	}
-	a := &Agent{cfg: cfg, log: log, vnet: vnet, endpoints: make(map[api.Key]api.Endpoint)}
+	a := &Agent{cfg: cfg, log: log, vnet: vnet, endpoints: make(map[api.Key]api.Endpoint), settle: newSettler()}
 	if cfg.IPAM.Provider == "static" {
 		if a.provider, err = ipam.NewStatic(cfg.IPAM.Static.Addresses); err != nil {
 			return nil, fmt.Errorf("invalid configuration: ipam.static.addresses: %w", err)
@@ -120,6 +121,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	a.ready.Store(true)
+	go a.runSettler(ctx)
 	a.log.Info("agent ready", "socket", a.cfg.Socket, "metrics", a.cfg.MetricsAddr, "nic", a.nic.name,
 		"attachMode", a.dp.Mode(), "endpointAttachMode", a.dp.EndpointMode(), "endpoints", len(a.endpoints), "startup", time.Since(a.started).Round(time.Millisecond).String())
 

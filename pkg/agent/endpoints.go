@@ -195,7 +195,12 @@ func (a *Agent) program(ep api.Endpoint, fresh bool) error {
 	if err := a.writeEndpoint(ep, fresh); err != nil {
 		return err
 	}
-	return a.dp.Attach(ep.HostIfName, loader.FromContainer)
+	mode, err := a.dp.AttachEndpoint(ep.HostIfName)
+	if err != nil {
+		return err
+	}
+	a.noteAttached(ep.HostIfName, mode)
+	return nil
 }
 
 // writeEndpoint writes ep's entry in the endpoints map (and zeroes its counters if fresh).
@@ -231,9 +236,11 @@ func (a *Agent) removeLocked(k api.Key, why string) *apiError {
 		if err := a.maps.DeleteEndpoint(ep.IP); err != nil {
 			return internal(err)
 		}
-		if err := a.dp.Detach(ep.HostIfName); err != nil {
+		// The filter goes now; a TCX link when the veth is gone (see settle.go).
+		if err := a.dp.DetachFilter(ep.HostIfName); err != nil {
 			return internal(err)
 		}
+		a.noteRemoved(ep.HostIfName)
 		if err := a.store.delete(k); err != nil {
 			return internal(err)
 		}
@@ -384,7 +391,7 @@ func (a *Agent) reconcile() error {
 		live[ep.HostIfName] = true
 	}
 	for _, ep := range a.endpoints {
-		err := a.dp.Attach(ep.HostIfName, loader.FromContainer)
+		mode, err := a.dp.AttachEndpoint(ep.HostIfName)
 		if err != nil && !linkExists(ep.HostIfName) {
 			// The runtime's DEL removed the veth since the loop above (it does not need us).
 			a.log.Info("container is gone; removing its endpoint", "key", ep.Key.String(), "veth", ep.HostIfName)
@@ -397,6 +404,7 @@ func (a *Agent) reconcile() error {
 		if err != nil {
 			return fmt.Errorf("restore endpoint %s: %w", ep.Key, err)
 		}
+		a.noteAttached(ep.HostIfName, mode)
 	}
 
 	// An allocation without an endpoint belongs to an ADD that never finished: the agent died

@@ -44,14 +44,18 @@ func (a *Agent) serveAPI(errc chan<- error) (*http.Server, error) {
 	route := func(pattern string, h func(*http.Request) (any, *apiError)) {
 		mux.Handle(pattern, a.metrics.instrument(pattern, jsonHandler(h)))
 	}
-	route("POST /v1/ipam/allocations", a.handleAllocate)
-	route("DELETE /v1/ipam/allocations/{containerID}/{ifName}", a.handleRelease)
+	// The calls a CNI ADD, DEL and GC make: background work waits until none is running.
+	cni := func(pattern string, h func(*http.Request) (any, *apiError)) {
+		mux.Handle(pattern, a.settle.track(a.metrics.instrument(pattern, jsonHandler(h))))
+	}
+	cni("POST /v1/ipam/allocations", a.handleAllocate)
+	cni("DELETE /v1/ipam/allocations/{containerID}/{ifName}", a.handleRelease)
 	route("GET /v1/ipam", a.handlePool)
-	route("PUT /v1/endpoints/{containerID}/{ifName}", a.handlePutEndpoint)
+	cni("PUT /v1/endpoints/{containerID}/{ifName}", a.handlePutEndpoint)
 	route("GET /v1/endpoints/{containerID}/{ifName}", a.handleGetEndpoint)
-	route("DELETE /v1/endpoints/{containerID}/{ifName}", a.handleRelease)
+	cni("DELETE /v1/endpoints/{containerID}/{ifName}", a.handleRelease)
 	route("GET /v1/endpoints", func(*http.Request) (any, *apiError) { return a.listEndpoints(), nil })
-	route("POST /v1/gc", a.handleGC)
+	cni("POST /v1/gc", a.handleGC)
 	route("GET /v1/status", func(*http.Request) (any, *apiError) { return a.status(), nil })
 	mux.HandleFunc("GET /v1/events", a.handleEvents)
 
@@ -215,6 +219,7 @@ func (a *Agent) status() api.Status {
 	s := api.Status{
 		Version: Version, Ready: a.ready.Load(), Pool: pool, NIC: a.nic.name,
 		AttachMode: string(a.dp.Mode()), EndpointAttachMode: string(a.dp.EndpointMode()), StartedAt: a.started.UTC(),
+		EndpointsOnClsBPF: a.pendingTCX(),
 	}
 	a.mu.Lock()
 	s.Endpoints = len(a.endpoints)

@@ -141,8 +141,11 @@ type Status struct {
 	Pool               PoolState `json:"pool"`
 	NIC                string    `json:"nic"`
 	AttachMode         string    `json:"attachMode"`         // the NIC's: tcx or tc
-	EndpointAttachMode string    `json:"endpointAttachMode"` // the host veths': tcx or tc
-	StartedAt          time.Time `json:"startedAt"`
+	EndpointAttachMode string    `json:"endpointAttachMode"` // the host veths': auto, tcx or tc
+	// EndpointsOnClsBPF counts endpoints that attachMode auto has yet to move from their
+	// cls_bpf filter to TCX (it does so while no CNI request runs).
+	EndpointsOnClsBPF int       `json:"endpointsOnClsBpf"`
+	StartedAt         time.Time `json:"startedAt"`
 }
 
 // DropEvent is one packet the datapath dropped, as `vnetbpf-agent monitor` prints it.

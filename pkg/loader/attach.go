@@ -18,11 +18,13 @@ type Mode string
 // Attach modes.
 const (
 	// ModeAuto attaches from_vnet to the NIC through TCX where the kernel has it (6.6+),
-	// else through clsact + cls_bpf, and from_container to every endpoint's host veth
-	// through clsact + cls_bpf. A TCX attach holds the RTNL lock across an RCU grace period
-	// (tcx_entry_sync: 8 to 15 ms on the machines we measured, against 50 µs for a cls_bpf
-	// filter), and an endpoint is attached on every CNI ADD: on the path of a pod's start,
-	// and, since the lock is the kernel's, serialising every concurrent ADD on the node.
+	// else through clsact + cls_bpf. An endpoint's host veth gets a cls_bpf filter when it
+	// is new (AttachEndpoint), which Settle later moves to TCX. A TCX attach holds the RTNL
+	// lock across an RCU grace period (tcx_entry_sync: 8 to 15 ms on the machines we
+	// measured, against 50 µs for a cls_bpf filter), too long for the CNI ADD path, where
+	// it would also serialise every concurrent ADD on the node; cls_bpf in turn costs about
+	// 70 ns more per packet than TCX (cls_bpf_classify, the cb save, the qdisc's stats), too
+	// much to keep.
 	ModeAuto Mode = "auto"
 	// ModeTCX attaches through a pinned TCX link.
 	ModeTCX Mode = "tcx"
@@ -74,19 +76,11 @@ func (d *Datapath) Mode() Mode {
 	return d.mode
 }
 
-// EndpointMode is the attach mode of from_container on endpoints' host veths: ModeTC unless
-// TCX was asked for explicitly (see ModeAuto).
+// EndpointMode is the attach mode of from_container on endpoints' host veths: ModeAuto (a
+// cls_bpf filter at first, TCX once settled) unless a mode was asked for explicitly.
 func (d *Datapath) EndpointMode() Mode {
 	if d.configured == ModeAuto {
-		return ModeTC
-	}
-	return d.Mode()
-}
-
-// modeFor is the mode p is attached with; ModeAuto for a program whose mode is still open.
-func (d *Datapath) modeFor(p Program) Mode {
-	if p == FromContainer {
-		return d.EndpointMode()
+		return ModeAuto
 	}
 	return d.Mode()
 }
@@ -95,16 +89,55 @@ func (d *Datapath) modeFor(p Program) Mode {
 // program of ours is already attached there it is replaced atomically, so no packet meets a
 // device without one.
 func (d *Datapath) Attach(ifname string, p Program) error {
-	prog, err := d.program(p)
-	if err != nil {
+	_, err := d.attach(ifname, p, "")
+	return err
+}
+
+// AttachEndpoint attaches from_container to an endpoint's host veth and says how. In ModeAuto
+// a veth that has our TCX link keeps it (the program is swapped in place, without a grace
+// period); another gets a cls_bpf filter, for Settle to move to TCX off the CNI ADD's path.
+func (d *Datapath) AttachEndpoint(ifname string) (Mode, error) {
+	return d.attach(ifname, FromContainer, "")
+}
+
+// Settle moves from_container on ifname from its cls_bpf filter to a TCX link and removes
+// the filter, and the veth's clsact qdisc if nothing else uses it. It holds the RTNL lock
+// for an RCU grace period: call it when no CNI request is waiting. ebpf.ErrNotSupported
+// means the kernel has no TCX.
+func (d *Datapath) Settle(ifname string) error {
+	if _, err := d.attach(ifname, FromContainer, ModeTCX); err != nil {
 		return err
 	}
 	dev, err := netlink.LinkByName(ifname)
 	if err != nil {
-		return fmt.Errorf("attach %s to %s: %w", p, ifname, err)
+		return fmt.Errorf("settle %s: %w", ifname, err)
+	}
+	return deleteClsactIfEmpty(dev)
+}
+
+// attach attaches p to ifname in mode, or in the mode p is configured for when mode is "".
+func (d *Datapath) attach(ifname string, p Program, mode Mode) (Mode, error) {
+	prog, err := d.program(p)
+	if err != nil {
+		return "", err
+	}
+	dev, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return "", fmt.Errorf("attach %s to %s: %w", p, ifname, err)
 	}
 	ifindex := dev.Attrs().Index
-	mode := d.modeFor(p)
+	if mode == "" {
+		mode = d.Mode()
+		if p == FromContainer {
+			mode = d.EndpointMode()
+			if mode == ModeAuto {
+				mode = ModeTC
+				if d.hasTCXLink(ifname, ifindex) {
+					mode = ModeTCX
+				}
+			}
+		}
+	}
 	switch mode {
 	case ModeTC:
 		err = attachTC(ifindex, prog, string(p))
@@ -122,7 +155,7 @@ func (d *Datapath) Attach(ifname string, p Program) error {
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("attach %s to %s: %w", p, ifname, err)
+		return "", fmt.Errorf("attach %s to %s: %w", p, ifname, err)
 	}
 	// An attachment of the other kind, left by an agent that ran in the other mode, would
 	// keep running before (TCX) or instead of ours: remove it once ours is in place.
@@ -132,7 +165,41 @@ func (d *Datapath) Attach(ifname string, p Program) error {
 		err = deleteTCFilter(ifindex)
 	}
 	if err != nil {
-		return fmt.Errorf("attach %s to %s: remove the %s-mode attachment: %w", p, ifname, otherMode(mode), err)
+		return "", fmt.Errorf("attach %s to %s: remove the %s-mode attachment: %w", p, ifname, otherMode(mode), err)
+	}
+	return mode, nil
+}
+
+// hasTCXLink says whether ifname has our pinned TCX link, live on the device with ifindex.
+func (d *Datapath) hasTCXLink(ifname string, ifindex int) bool {
+	l, err := link.LoadPinnedLink(d.linkPin(ifname), nil)
+	if err != nil {
+		return false
+	}
+	defer l.Close()
+	info, err := l.Info()
+	return err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex
+}
+
+// deleteClsactIfEmpty removes dev's clsact qdisc when no filter is left on it: an empty
+// clsact still costs every packet a classifier walk.
+func deleteClsactIfEmpty(dev netlink.Link) error {
+	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+		fs, err := netlink.FilterList(dev, parent)
+		if err != nil || len(fs) > 0 {
+			return err // not a clsact, or someone else's filters: leave it
+		}
+	}
+	qs, err := netlink.QdiscList(dev)
+	if err != nil {
+		return err
+	}
+	for _, q := range qs {
+		if q.Type() == "clsact" {
+			if err := netlink.QdiscDel(q); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+				return fmt.Errorf("delete empty clsact qdisc: %w", err)
+			}
+		}
 	}
 	return nil
 }
@@ -215,6 +282,21 @@ func tcFilterAttrs(ifindex int) netlink.FilterAttrs {
 		Priority:  tcPriority,
 		Protocol:  unix.ETH_P_ALL,
 	}
+}
+
+// DetachFilter removes our cls_bpf filter from ifname, and leaves a TCX link: closing the
+// link of a device that still exists waits for an RCU grace period holding the RTNL lock,
+// while after the device is gone it costs nothing. A CNI DEL removes the veth right after
+// the agent forgets it; Detach the name once it is gone. A device that is gone is fine.
+func (d *Datapath) DetachFilter(ifname string) error {
+	dev, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return nil
+	}
+	if err := deleteTCFilter(dev.Attrs().Index); err != nil {
+		return fmt.Errorf("detach %s: %w", ifname, err)
+	}
+	return nil
 }
 
 // Detach removes our program from device ifname, whichever way it was attached. A device or

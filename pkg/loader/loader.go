@@ -1,7 +1,7 @@
 // Package loader loads the vnetbpf datapath (bpf/datapath.c), pins its maps under a bpffs
-// root, and attaches its programs to network devices: the NIC's with TCX (clsact and cls_bpf
-// on kernels without TCX), endpoints' with clsact and cls_bpf, whose attach is fast enough
-// for the CNI ADD path (see ModeAuto).
+// root, and attaches its programs to network devices with TCX (clsact and cls_bpf on kernels
+// without TCX). A new endpoint's veth gets a cls_bpf filter first, fast enough for the CNI
+// ADD path, which Settle moves to TCX later (see ModeAuto).
 //
 // Layout under the root (default /sys/fs/bpf/vnetbpf):
 //

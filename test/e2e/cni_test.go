@@ -201,6 +201,56 @@ func TestAgentNextHops(t *testing.T) {
 	}
 }
 
+// TestEndpointsSettleToTCX: in attachMode auto an ADD leaves the veth on a cls_bpf filter
+// (fast to attach), and the agent moves it to TCX (cheaper per packet) once no CNI request
+// runs; a DEL's TCX link is closed once the plugin has deleted the veth. Forwarding holds
+// throughout.
+func TestEndpointsSettleToTCX(t *testing.T) {
+	c := newCluster(t, "10.0.1.0/29")
+	cni := c.cni("1.1.0")
+	a, b := c.mustAdd(cni, "a"), c.mustAdd(cni, "b")
+	expectPing(t, "a -> b right after the ADDs", a.ns, b.ip)
+	testutils.Eventually(t, 10*time.Second, "every endpoint on TCX", func() error {
+		s, err := c.agent.Client().Status(t.Context())
+		if err != nil {
+			return err
+		}
+		if s.EndpointAttachMode != "auto" || s.EndpointsOnClsBPF != 0 {
+			return fmt.Errorf("endpoint attach mode %s, %d endpoints on cls_bpf", s.EndpointAttachMode, s.EndpointsOnClsBPF)
+		}
+		return nil
+	})
+	for _, ctr := range []*container{a, b} {
+		veth := api.HostVethName(api.Key{ContainerID: ctr.id, IfName: "eth0"})
+		tcx, tc := progIDs(t, c.node, veth)
+		if tcx == 0 || tc != 0 {
+			t.Errorf("%s: TCX program %d, cls_bpf program %d; want TCX only", veth, tcx, tc)
+		}
+		if q := qdiscs(t, c.node, veth); slices.Contains(q, "clsact") {
+			t.Errorf("%s keeps an empty clsact qdisc: %v", veth, q)
+		}
+	}
+	expectPing(t, "a -> b on TCX", a.ns, b.ip)
+	expectPing(t, "fabric -> a on TCX", c.fabric.NS, a.ip)
+
+	// A restart swaps the program on the TCX links in place and leaves nothing to settle.
+	must(t, c.agent.Stop())
+	must(t, c.agent.Start())
+	if s, err := c.agent.Client().Status(t.Context()); err != nil || s.EndpointsOnClsBPF != 0 {
+		t.Errorf("after a restart: %+v (%v), want no endpoint back on cls_bpf", s, err)
+	}
+
+	must(t, cni.Del(t.Context(), a.rt))
+	pin := filepath.Join(c.agent.Config.BPFRoot, "links", api.HostVethName(api.Key{ContainerID: a.id, IfName: "eth0"}))
+	testutils.Eventually(t, 5*time.Second, "the deleted endpoint's link pin to go", func() error {
+		if _, err := os.Stat(pin); err == nil {
+			return fmt.Errorf("%s still pinned", pin)
+		}
+		return nil
+	})
+	expectPing(t, "fabric -> b after a's DEL", c.fabric.NS, b.ip)
+}
+
 // TestCNILifecycle runs ADD, CHECK and DEL through libcni for every supported spec version
 // against a real agent, with traffic between the containers, the fabric and the node.
 func TestCNILifecycle(t *testing.T) {

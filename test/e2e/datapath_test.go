@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -174,16 +175,37 @@ func testDatapath(t *testing.T, mode loader.Mode) {
 	// attach costs no RCU grace period.
 	wantNIC, wantVeth := mode, mode
 	if mode == loader.ModeAuto {
-		wantNIC, wantVeth = loader.ModeTCX, loader.ModeTC
+		wantNIC, wantVeth = loader.ModeTCX, loader.ModeTC // until Settle
 	}
-	if got, gotVeth := d.dp.Mode(), d.dp.EndpointMode(); got != wantNIC || gotVeth != wantVeth {
-		t.Fatalf("attach modes %s (NIC), %s (endpoints); want %s, %s", got, gotVeth, wantNIC, wantVeth)
+	if got, gotVeth := d.dp.Mode(), d.dp.EndpointMode(); got != wantNIC || gotVeth != mode {
+		t.Fatalf("attach modes %s (NIC), %s (endpoints); want %s, %s", got, gotVeth, wantNIC, mode)
 	}
-	for dev, want := range map[string]loader.Mode{"eth0": wantNIC, d.a.HostDev: wantVeth} {
+	checkAttached := func(dev string, want loader.Mode) {
+		t.Helper()
 		tcx, tc := progIDs(t, d.node, dev)
 		if (want == loader.ModeTCX) != (tcx != 0) || (want == loader.ModeTC) != (tc != 0) {
 			t.Errorf("%s: TCX program %d, cls_bpf program %d; want it attached with %s only", dev, tcx, tc, want)
 		}
+	}
+	checkAttached("eth0", wantNIC)
+	checkAttached(d.a.HostDev, wantVeth)
+	if mode == loader.ModeAuto {
+		// Settle moves a veth to TCX and takes the filter and the empty clsact away; a later
+		// attach (an upgrade) keeps TCX.
+		testutils.Do(t, d.node.NS, func() error { return d.dp.Settle(d.a.HostDev) })
+		checkAttached(d.a.HostDev, loader.ModeTCX)
+		if q := qdiscs(t, d.node, d.a.HostDev); slices.Contains(q, "clsact") {
+			t.Errorf("%s keeps an empty clsact qdisc after Settle: %v", d.a.HostDev, q)
+		}
+		testutils.Do(t, d.node.NS, func() error {
+			m, err := d.dp.AttachEndpoint(d.a.HostDev)
+			if err == nil && m != loader.ModeTCX {
+				t.Errorf("AttachEndpoint on a settled veth used %s, want tcx", m)
+			}
+			return err
+		})
+		checkAttached(d.a.HostDev, loader.ModeTCX)
+		checkAttached(d.b.HostDev, loader.ModeTC)
 	}
 	testutils.Do(t, d.node.NS, func() error {
 		for _, k := range []string{"ip_forward", "conf/all/proxy_arp", "conf/eth0/proxy_arp"} {
