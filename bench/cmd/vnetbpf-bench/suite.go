@@ -201,14 +201,10 @@ func runSuite(parent context.Context, opts *options) (err error) {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if opts.wants("datapath") {
-		if rep.Datapath, err = runDatapath(ctx, reg, workDir, opts.pluginsDir, s); err != nil {
-			return fmt.Errorf("datapath: %w", err)
-		}
-	}
-	if err := ctx.Err(); err != nil {
-		return err
-	}
+	// The control plane runs before the datapath part, not after the removal of that part's
+	// namespaces and devices, whose cleanup the kernel finishes in the background under the
+	// RTNL lock: one run after it measured vnetbpf's 10-at-a-time ADD p99 at 90 ms, against
+	// 50 to 56 ms in three runs of the control plane alone, and vnetbpf goes first.
 	if opts.wants("controlplane") {
 		step("control plane")
 		rep.ControlPlane, err = controlplane.Run(ctx, controlplane.Config{
@@ -218,6 +214,17 @@ func runSuite(parent context.Context, opts *options) (err error) {
 		if err != nil {
 			return fmt.Errorf("control plane: %w", err)
 		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if opts.wants("datapath") {
+		if rep.Datapath, err = runDatapath(ctx, reg, workDir, opts.pluginsDir, s); err != nil {
+			return fmt.Errorf("datapath: %w", err)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return err
 	}
 	rep.Machine.LoadAfter = loadavg()
 	rep.Machine.Seconds = time.Since(started).Seconds()
