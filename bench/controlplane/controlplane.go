@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -26,9 +27,11 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/vnetbpf/vnetbpf/bench/resources"
 	"github.com/vnetbpf/vnetbpf/bench/stats"
+	"github.com/vnetbpf/vnetbpf/bench/traffic"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
 	"github.com/vnetbpf/vnetbpf/pkg/loader"
 	"github.com/vnetbpf/vnetbpf/test/e2e"
@@ -61,6 +64,11 @@ type Latencies struct {
 	Max          float64   `json:"maxMs"`
 	TotalSeconds float64   `json:"totalSeconds"`
 	Samples      []float64 `json:"samplesMs"`
+	// PluginCPUMs is the CPU time (user and system) of the plugin processes libcni ran,
+	// per call: for ptp, ptp's and host-local's. The agent's is not in it.
+	PluginCPUMs float64 `json:"pluginCpuMsPerCall"`
+	// Busy is the share of all the machine's CPUs that was busy during the run.
+	Busy float64 `json:"machineBusy"`
 }
 
 func summarize(ms []float64, total time.Duration) Latencies {
@@ -289,6 +297,15 @@ func containerID(plugin, run string, i int) string {
 func (e *env) run(ctx context.Context, plugin, run string, add bool, concurrency int) (Latencies, error) {
 	cni := e.cnis[plugin]
 	ms := make([]float64, len(e.netns))
+	// The plugin processes are this process's children, reaped by libcni as each call ends.
+	var before, after unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_CHILDREN, &before); err != nil {
+		return Latencies{}, err
+	}
+	busyBefore, err := traffic.MachineBusy()
+	if err != nil {
+		return Latencies{}, err
+	}
 	start := time.Now()
 	for first := 0; first < len(e.netns); first += concurrency {
 		var wg sync.WaitGroup
@@ -319,7 +336,19 @@ func (e *env) run(ctx context.Context, plugin, run string, add bool, concurrency
 			}
 		}
 	}
-	return summarize(ms, time.Since(start)), nil
+	wall := time.Since(start)
+	if err := unix.Getrusage(unix.RUSAGE_CHILDREN, &after); err != nil {
+		return Latencies{}, err
+	}
+	busyAfter, err := traffic.MachineBusy()
+	if err != nil {
+		return Latencies{}, err
+	}
+	l := summarize(ms, wall)
+	cpu := time.Duration(after.Utime.Nano() + after.Stime.Nano() - before.Utime.Nano() - before.Stime.Nano())
+	l.PluginCPUMs = float64(cpu.Microseconds()) / 1000 / float64(len(e.netns))
+	l.Busy = (busyAfter - busyBefore) / (wall.Seconds() * float64(runtime.NumCPU()))
+	return l, nil
 }
 
 // agentUnderLoad runs with every container added through vnetbpf: the agent's memory, its

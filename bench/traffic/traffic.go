@@ -300,7 +300,7 @@ func RunStream(ctx context.Context, p topology.Pair, s *Server, cpu int, d time.
 	}
 	ksoftirqd := ksoftirqdPID(cpu)
 	softBefore, _ := runtimeSeconds(ksoftirqd)
-	busyBefore, err := machineBusy()
+	busyBefore, err := MachineBusy()
 	if err != nil {
 		return Stream{}, err
 	}
@@ -309,7 +309,7 @@ func RunStream(ctx context.Context, p topology.Pair, s *Server, cpu int, d time.
 	if err != nil {
 		return Stream{}, err
 	}
-	busyAfter, _ := machineBusy()
+	busyAfter, _ := MachineBusy()
 	serverAfter, err := runtimeSeconds(s.iperf.Process.Pid)
 	if err != nil {
 		return Stream{}, err
@@ -418,8 +418,8 @@ func ksoftirqdPID(cpu int) int {
 	return 0
 }
 
-// machineBusy returns the non-idle CPU seconds of all CPUs since boot (/proc/stat).
-func machineBusy() (float64, error) {
+// MachineBusy returns the non-idle CPU seconds of all CPUs since boot (/proc/stat).
+func MachineBusy() (float64, error) {
 	b, err := os.ReadFile("/proc/stat")
 	if err != nil {
 		return 0, err

@@ -48,7 +48,7 @@ func TestRuntimeSecondsCountsOurOwnCPU(t *testing.T) {
 }
 
 func TestMachineBusyIsPlausible(t *testing.T) {
-	b, err := machineBusy()
+	b, err := MachineBusy()
 	if err != nil {
 		t.Fatal(err)
 	}

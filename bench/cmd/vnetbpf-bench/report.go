@@ -207,13 +207,13 @@ func rowByMode(rows []compare.Row) map[string]compare.Row {
 func printControlPlane(w io.Writer, c *controlplane.Result) {
 	fmt.Fprintf(w, "\n-- Control plane: CNI through libcni, %d containers; batches run %d ADDs (or DELs) at once\n", c.Containers, c.Batch)
 	t := table(w)
-	fmt.Fprintln(t, "plugin\trun\tp50 ms\tp90 ms\tp99 ms\tmax ms\ttotal s")
+	fmt.Fprintln(t, "plugin\trun\tp50 ms\tp90 ms\tp99 ms\tmax ms\ttotal s\tplugin CPU ms/call\tCPUs busy")
 	for _, p := range c.Plugins {
 		for _, x := range []struct {
 			name string
 			l    controlplane.Latencies
 		}{{"ADD one by one", p.SeqAdd}, {"DEL one by one", p.SeqDel}, {fmt.Sprintf("ADD %d at a time", c.Batch), p.BatchAdd}, {fmt.Sprintf("DEL %d at a time", c.Batch), p.BatchDel}} {
-			fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Plugin, x.name, num(x.l.P50, 1), num(x.l.P90, 1), num(x.l.P99, 1), num(x.l.Max, 1), num(x.l.TotalSeconds, 2))
+			fmt.Fprintf(t, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%.0f%%\n", p.Plugin, x.name, num(x.l.P50, 1), num(x.l.P90, 1), num(x.l.P99, 1), num(x.l.Max, 1), num(x.l.TotalSeconds, 2), num(x.l.PluginCPUMs, 1), 100*x.l.Busy)
 		}
 	}
 	t.Flush()
