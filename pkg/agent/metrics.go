@@ -74,6 +74,8 @@ var (
 		"Addresses of the node's pool, by state (free, allocated, cooling).", []string{"state"}, nil)
 	descEndpoints = prometheus.NewDesc("vnetbpf_endpoints",
 		"Container interfaces registered with the datapath.", nil, nil)
+	descOnClsBPF = prometheus.NewDesc("vnetbpf_endpoints_on_cls_bpf",
+		"Endpoints whose host veth still runs from_container in a cls_bpf filter, waiting to be moved to TCX (attachMode auto).", nil, nil)
 	descIPConfigs = prometheus.NewDesc("vnetbpf_azure_ip_configurations",
 		"IP configurations on the node's NIC as ARM last showed them, primary included.", nil, nil)
 	descPending = prometheus.NewDesc("vnetbpf_azure_ip_configurations_pending",
@@ -89,7 +91,7 @@ var (
 type datapathCollector struct{ a *Agent }
 
 func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descPackets, descBytes, descPool, descEndpoints, descIPConfigs, descPending, descAdded, descRemoved, descProviderErr} {
+	for _, d := range []*prometheus.Desc{descPackets, descBytes, descPool, descEndpoints, descOnClsBPF, descIPConfigs, descPending, descAdded, descRemoved, descProviderErr} {
 		ch <- d
 	}
 }
@@ -109,9 +111,10 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descPool, prometheus.GaugeValue, float64(st.Used), "allocated")
 	ch <- prometheus.MustNewConstMetric(descPool, prometheus.GaugeValue, float64(st.Cooling), "cooling")
 	c.a.mu.Lock()
-	n := len(c.a.endpoints)
+	n, onClsBPF := len(c.a.endpoints), len(c.a.settle.unsettled)
 	c.a.mu.Unlock()
 	ch <- prometheus.MustNewConstMetric(descEndpoints, prometheus.GaugeValue, float64(n))
+	ch <- prometheus.MustNewConstMetric(descOnClsBPF, prometheus.GaugeValue, float64(onClsBPF))
 	if c.a.grower != nil {
 		ps := c.a.grower.Status()
 		var errAt float64

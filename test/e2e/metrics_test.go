@@ -13,6 +13,7 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/vnetbpf/vnetbpf/internal/testutils"
 	"github.com/vnetbpf/vnetbpf/pkg/agent"
 )
 
@@ -105,6 +106,14 @@ func TestAgentMetrics(t *testing.T) {
 	if v, ok := metricValue(text, "vnetbpf_endpoints", ""); !ok || v != 2 {
 		t.Errorf("vnetbpf_endpoints = %v (found %v), want 2", v, ok)
 	}
+	// The two new veths move from cls_bpf to TCX once no CNI call runs.
+	testutils.Eventually(t, 10*time.Second, "vnetbpf_endpoints_on_cls_bpf to reach 0", func() error {
+		_, text := httpGet(t, client, base+"/metrics")
+		if v, ok := metricValue(text, "vnetbpf_endpoints_on_cls_bpf", ""); !ok || v != 0 {
+			return fmt.Errorf("vnetbpf_endpoints_on_cls_bpf = %v (found %v)", v, ok)
+		}
+		return nil
+	})
 	// Two ADDs each allocated an address and registered an endpoint through the API.
 	for method, route := range map[string]string{"POST": "/v1/ipam/allocations", "PUT": "/v1/endpoints/{containerID}/{ifName}"} {
 		bucket := fmt.Sprintf(`vnetbpf_api_request_duration_seconds_bucket{code="200",method=%q,route=%q,le="+Inf"}`, method, route)
