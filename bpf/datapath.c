@@ -260,6 +260,20 @@ static __always_inline int deliver(struct __sk_buff *skb, struct ethhdr *eth, st
 	return bpf_redirect_peer(dst->ifindex, 0);
 }
 
+/* fits_nic says whether the NIC can send skb as it is. A plain packet is compared with the
+ * NIC's MTU from config (0 until the agent has written it: nothing fits). A GSO packet is
+ * checked by the kernel, segment by segment, against the device: the container's MTU may be
+ * larger than the NIC's. The helper costs a device lookup, paid once per GSO packet of up to
+ * 64 KB. */
+static __always_inline int fits_nic(struct __sk_buff *skb, const struct node_config *cfg)
+{
+	__u32 mtu = 0;
+
+	if (skb->gso_size)
+		return bpf_check_mtu(skb, cfg->nic_ifindex, &mtu, 0, 0) == BPF_MTU_CHK_RET_SUCCESS;
+	return skb->len <= (__u32)cfg->nic_mtu + ETH_HLEN;
+}
+
 /* to_vnet_fib asks the FIB for next hop and MAC, for prefixes without a known next hop. */
 static __always_inline int to_vnet_fib(struct __sk_buff *skb, struct pkt *p, const struct node_config *cfg)
 {
@@ -317,10 +331,9 @@ static __always_inline int to_vnet(struct __sk_buff *skb, struct pkt *p, const s
 {
 	struct iphdr *ip = p->ip;
 
-	/* A packet larger than the NIC's MTU that GSO will not split goes to the FIB path,
-	 * whose FRAG_NEEDED hands it to the stack to fragment or answer. */
-	if (cidr->flags & (VNET_CIDR_F_ONLINK | VNET_CIDR_F_VIA) &&
-	    (skb->len <= (__u32)cfg->nic_mtu + ETH_HLEN || skb->gso_size)) {
+	/* A packet the NIC cannot send as it is goes to the FIB path, whose FRAG_NEEDED hands it
+	 * to the stack to fragment or answer. */
+	if (cidr->flags & (VNET_CIDR_F_ONLINK | VNET_CIDR_F_VIA) && fits_nic(skb, cfg)) {
 		struct bpf_redir_neigh via = { .nh_family = AF_INET };
 
 		if (cidr->flags & VNET_CIDR_F_ONLINK)

@@ -67,7 +67,7 @@ struct node_config {
 	__u32 nic_ifindex; /* 0 until the agent has attached to the NIC */
 	__u32 flags;       /* enum node_config_flags */
 	__u8 nic_mac[6];   /* Azure accepts only the NIC's own MAC as a source */
-	__u16 nic_mtu;     /* larger packets (not GSO) take the FIB path, which answers FRAG_NEEDED */
+	__u16 nic_mtu;     /* larger plain packets take the FIB path, which answers FRAG_NEEDED */
 };
 
 /* Why a packet got the verdict it got; the key of the stats map. */

@@ -101,6 +101,12 @@ func (a *Agent) newAzureProvider() error {
 func (a *Agent) Run(ctx context.Context) error {
 	a.started = time.Now()
 	defer a.close()
+	// Background work ends, and the settler's step in progress finishes, before close
+	// releases the datapath it uses, however Run returns.
+	ctx, stop := context.WithCancel(ctx)
+	var background sync.WaitGroup
+	defer background.Wait()
+	defer stop()
 	if err := a.setup(ctx); err != nil {
 		return err
 	}
@@ -121,7 +127,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	}
 	a.ready.Store(true)
-	go a.runSettler(ctx)
+	background.Go(func() { a.runSettler(ctx) })
 	a.log.Info("agent ready", "socket", a.cfg.Socket, "metrics", a.cfg.MetricsAddr, "nic", a.nic.name,
 		"attachMode", a.dp.Mode(), "endpointAttachMode", a.dp.EndpointMode(), "endpoints", len(a.endpoints), "startup", time.Since(a.started).Round(time.Millisecond).String())
 
@@ -269,59 +275,6 @@ func (a *Agent) syncVNetCIDRs() error {
 		}
 	}
 	return nil
-}
-
-// vnetEntries is what the vnet_cidrs map should hold. Each configured prefix carries the next
-// hop the node's own routes give it, so that the programs skip the FIB: the NIC's subnets are
-// on its link (Azure answers ARP for every address in them), other prefixes go through
-// the gateway of the route that covers them. A prefix the node routes elsewhere, or not at
-// all, gets no next hop and the programs ask the FIB for each packet, as before.
-func (a *Agent) vnetEntries() []maps.VNetCIDR {
-	var want []maps.VNetCIDR
-	add := func(c maps.VNetCIDR) {
-		if !slices.ContainsFunc(want, func(w maps.VNetCIDR) bool { return w.Prefix == c.Prefix }) {
-			want = append(want, c)
-		}
-	}
-	for _, ip := range a.nic.addrs {
-		add(maps.VNetCIDR{Prefix: netip.PrefixFrom(ip, 32), Host: true})
-	}
-	for _, s := range a.nic.subnets {
-		for _, p := range a.vnet {
-			if p.Bits() <= s.Bits() && p.Contains(s.Addr()) {
-				add(maps.VNetCIDR{Prefix: s, OnLink: true})
-				break
-			}
-		}
-	}
-	for _, p := range a.vnet {
-		c := maps.VNetCIDR{Prefix: p}
-		c.OnLink, c.Via = a.nextHop(p)
-		add(c)
-	}
-	return want
-}
-
-// nextHop is how the node's routing table reaches p out of the NIC: on its link, or through
-// a gateway. Neither, when the route goes elsewhere or the kernel has none.
-func (a *Agent) nextHop(p netip.Prefix) (onLink bool, via netip.Addr) {
-	probe := p.Addr()
-	if p.Bits() < 32 {
-		probe = probe.Next() // not the network address, which a subnet may make special
-	}
-	routes, err := netlink.RouteGet(probe.AsSlice())
-	if err != nil || len(routes) == 0 {
-		a.log.Warn("no route to a VNet prefix; its packets take the FIB", "prefix", p.String(), "err", err)
-		return false, netip.Addr{}
-	}
-	r := routes[0]
-	if r.LinkIndex != a.nic.index || r.Type != unix.RTN_UNICAST || len(r.MultiPath) > 0 {
-		return false, netip.Addr{}
-	}
-	if gw, ok := netip.AddrFromSlice(r.Gw.To4()); ok && r.Gw != nil {
-		return false, gw
-	}
-	return true, netip.Addr{}
 }
 
 func (a *Agent) close() {

@@ -73,6 +73,7 @@ func (a *Agent) tryAllocate(req api.AllocationRequest) (api.Allocation, error) {
 	if err != nil {
 		return alloc, err
 	}
+	a.settle.adding[req.Key] = time.Now()
 	a.log.Info("address allocated", "key", req.Key.String(), "ip", alloc.IP.String(), "existing", existing,
 		"pod", req.PodNamespace+"/"+req.PodName)
 	return alloc, nil
@@ -175,6 +176,7 @@ func (a *Agent) putEndpoint(req api.EndpointRequest) (api.Endpoint, *apiError) {
 			return ep, internal(fmt.Errorf("label host veth %s: %w", req.HostIfName, err))
 		}
 	}
+	delete(a.settle.adding, req.Key)
 	if err := a.store.put(ep); err != nil {
 		return ep, internal(fmt.Errorf("persist endpoint: %w", err))
 	}
@@ -232,6 +234,7 @@ func macOf(s string) ([6]byte, error) {
 // removeLocked takes an attachment out of the datapath and the pool. Every step tolerates
 // what is already gone, so it is safe to repeat after a crash.
 func (a *Agent) removeLocked(k api.Key, why string) *apiError {
+	delete(a.settle.adding, k)
 	if ep, ok := a.endpoints[k]; ok {
 		if err := a.maps.DeleteEndpoint(ep.IP); err != nil {
 			return internal(err)

@@ -36,7 +36,8 @@ func newEventHub(m *maps.Maps, log *slog.Logger) (*eventHub, error) {
 	return h, nil
 }
 
-// bootTime converts the events' bpf_ktime_get_ns (CLOCK_MONOTONIC) to wall time.
+// bootTime converts the events' bpf_ktime_get_coarse_ns (CLOCK_MONOTONIC, to a jiffy) to
+// wall time.
 var bootTime = sync.OnceValue(func() time.Time {
 	return time.Now().Add(-monotonicNow())
 })

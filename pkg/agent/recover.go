@@ -113,7 +113,7 @@ func (a *Agent) rebuild() error {
 			a.log.Warn("cannot rebuild endpoint from its veth; leaving it for reconcile", "veth", l.Attrs().Name, "key", k.String(), "err", err)
 			continue
 		}
-		if id := ep.ID; id == 0 || usedIDs[id] {
+		if id := ep.ID; id == 0 || usedIDs[id] || id >= a.maps.MaxEndpointIDs() {
 			if ep.ID, err = freeIDOf(usedIDs, a.maps.MaxEndpointIDs()); err != nil {
 				return err
 			}

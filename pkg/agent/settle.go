@@ -10,6 +10,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/vnetbpf/vnetbpf/pkg/api"
 	"github.com/vnetbpf/vnetbpf/pkg/loader"
 )
 
@@ -28,6 +29,10 @@ const (
 	// closed anyway (a DEL whose plugin could not delete the veth).
 	reapAfter  = 10 * time.Second
 	settleTick = 50 * time.Millisecond
+	// addingFor is how long an ADD counts as running between its two calls (the address,
+	// then the endpoint), while the plugin builds the veth and the namespace, work that takes
+	// the RTNL lock too. One whose plugin died stops counting after it.
+	addingFor = 5 * time.Second
 )
 
 // settler tracks CNI requests and the pending work. Its maps are guarded by Agent.mu.
@@ -36,13 +41,15 @@ type settler struct {
 	lastDone atomic.Int64 // unix nanoseconds at which the last CNI request ended
 	wake     chan struct{}
 
-	unsettled map[string]bool      // host veths on cls_bpf that TCX should take over
-	reap      map[string]time.Time // link pins of removed endpoints, and when removed
-	noTCX     bool                 // the kernel refused TCX: everything stays on cls_bpf
+	unsettled map[string]bool       // host veths on cls_bpf that TCX should take over
+	reap      map[string]time.Time  // link pins of removed endpoints, and when removed
+	adding    map[api.Key]time.Time // ADDs between their address and their endpoint
+	noTCX     bool                  // the kernel refused TCX: everything stays on cls_bpf
 }
 
 func newSettler() *settler {
-	return &settler{wake: make(chan struct{}, 1), unsettled: map[string]bool{}, reap: map[string]time.Time{}}
+	return &settler{wake: make(chan struct{}, 1), unsettled: map[string]bool{}, reap: map[string]time.Time{},
+		adding: map[api.Key]time.Time{}}
 }
 
 // track wraps a CNI API handler so that the settler knows when the node is quiet.
@@ -109,10 +116,17 @@ func (a *Agent) runSettler(ctx context.Context) {
 	}
 }
 
-// settleStep does one piece of pending work and says whether there was any.
+// settleStep does one piece of pending work and says whether there was any. It does none
+// while an ADD is between its two calls.
 func (a *Agent) settleStep(now time.Time) bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	for k, since := range a.settle.adding {
+		if now.Sub(since) < addingFor {
+			return false
+		}
+		delete(a.settle.adding, k)
+	}
 	// Reaping first: a gone veth costs nothing, and its name may come back with a new ADD.
 	for _, veth := range sortedKeys(a.settle.reap) {
 		gone := !linkExists(veth)
@@ -139,7 +153,9 @@ func (a *Agent) settleStep(now time.Time) bool {
 		case !linkExists(veth):
 			// Deleted in between: nothing to settle.
 		default:
-			a.log.Warn("cannot move an endpoint to TCX; it stays on its cls_bpf filter", "veth", veth, "err", err)
+			// The error says which step failed: the TCX attach (the filter stays), or
+			// removing the filter or the empty clsact afterwards (TCX runs first anyway).
+			a.log.Warn("cannot settle an endpoint on TCX", "veth", veth, "err", err)
 		}
 		return true
 	}

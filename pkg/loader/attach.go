@@ -95,9 +95,21 @@ func (d *Datapath) Attach(ifname string, p Program) error {
 
 // AttachEndpoint attaches from_container to an endpoint's host veth and says how. In ModeAuto
 // a veth that has our TCX link keeps it (the program is swapped in place, without a grace
-// period); another gets a cls_bpf filter, for Settle to move to TCX off the CNI ADD's path.
+// period), and an empty clsact left by a Settle that did not finish goes; another veth gets
+// a cls_bpf filter, for Settle to move to TCX off the CNI ADD's path.
 func (d *Datapath) AttachEndpoint(ifname string) (Mode, error) {
-	return d.attach(ifname, FromContainer, "")
+	mode, err := d.attach(ifname, FromContainer, "")
+	if err != nil || mode != ModeTCX || d.EndpointMode() != ModeAuto {
+		return mode, err
+	}
+	dev, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return mode, fmt.Errorf("attach %s to %s: %w", FromContainer, ifname, err)
+	}
+	if err := deleteClsactIfEmpty(dev); err != nil {
+		return mode, fmt.Errorf("attach %s to %s: %w", FromContainer, ifname, err)
+	}
+	return mode, nil
 }
 
 // Settle moves from_container on ifname from its cls_bpf filter to a TCX link and removes
@@ -184,21 +196,25 @@ func (d *Datapath) hasTCXLink(ifname string, ifindex int) bool {
 // deleteClsactIfEmpty removes dev's clsact qdisc when no filter is left on it: an empty
 // clsact still costs every packet a classifier walk.
 func deleteClsactIfEmpty(dev netlink.Link) error {
-	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
-		fs, err := netlink.FilterList(dev, parent)
-		if err != nil || len(fs) > 0 {
-			return err // not a clsact, or someone else's filters: leave it
-		}
-	}
 	qs, err := netlink.QdiscList(dev)
 	if err != nil {
-		return err
+		return fmt.Errorf("list qdiscs: %w", err)
 	}
 	for _, q := range qs {
-		if q.Type() == "clsact" {
-			if err := netlink.QdiscDel(q); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
-				return fmt.Errorf("delete empty clsact qdisc: %w", err)
+		if q.Type() != "clsact" {
+			continue
+		}
+		for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
+			fs, err := netlink.FilterList(dev, parent)
+			if err != nil {
+				return fmt.Errorf("list filters: %w", err)
 			}
+			if len(fs) > 0 {
+				return nil // someone else's filters: leave it
+			}
+		}
+		if err := netlink.QdiscDel(q); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+			return fmt.Errorf("delete empty clsact qdisc: %w", err)
 		}
 	}
 	return nil

@@ -182,6 +182,7 @@ func TestAgentNextHops(t *testing.T) {
 		{Prefix: c.fabric.Prefix, OnLink: true},
 		{Prefix: beyond, Via: c.fabric.Gateway},
 		{Prefix: netip.PrefixFrom(c.node.Primary, 32), Host: true},
+		{Prefix: netip.MustParsePrefix("10.0.255.255/32"), Host: true}, // the subnet's broadcast
 	} {
 		if !slices.Contains(got, want) {
 			t.Errorf("vnet_cidrs %+v: want %+v among them", got, want)
@@ -199,6 +200,22 @@ func TestAgentNextHops(t *testing.T) {
 	if n := toVNet() - before; n < 2 {
 		t.Errorf("FWD_TO_VNET moved by %d, want the pings' requests counted", n)
 	}
+
+	// With a policy rule the main table no longer says how a packet is routed: after a
+	// restart no prefix has a next hop, and the FIB path still carries the packets.
+	rule := netlink.NewRule()
+	rule.Priority, rule.Table = 100, 100
+	testutils.Do(t, c.node.NS, func() error { return netlink.RuleAdd(rule) })
+	must(t, c.agent.Stop())
+	must(t, c.agent.Start())
+	got, err = c.maps().ListVNetCIDRs()
+	must(t, err)
+	for _, e := range got {
+		if e.OnLink || e.Via.IsValid() {
+			t.Errorf("with a policy rule, vnet_cidrs has %+v: want no next hop", e)
+		}
+	}
+	expectPing(t, "a -> a VM behind the gateway, through the FIB", a.ns, far)
 }
 
 // TestEndpointsSettleToTCX: in attachMode auto an ADD leaves the veth on a cls_bpf filter
