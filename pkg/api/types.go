@@ -85,6 +85,10 @@ type EndpointRequest struct {
 	HostIfIndex  int        `json:"hostIfIndex"`
 	HostMAC      string     `json:"hostMAC"`
 	ContainerMAC string     `json:"containerMAC"`
+	// AttachTCX asks for from_container through TCX at once, not a cls_bpf filter first:
+	// a plugin later in the chain (bandwidth, for an egress limit) puts an ingress qdisc on
+	// the host veth, which cannot live beside a clsact.
+	AttachTCX bool `json:"attachTCX,omitempty"`
 }
 
 // Endpoint is a registered container interface as the agent sees it.

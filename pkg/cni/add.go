@@ -210,6 +210,7 @@ func (a *adder) register(w *wiring, alloc api.Allocation, hostLink netlink.Link)
 		HostIfIndex:  hostLink.Attrs().Index,
 		HostMAC:      w.hostMAC.String(),
 		ContainerMAC: w.containerMAC.String(),
+		AttachTCX:    a.conf.shapesEgress(),
 	}
 	return callAgent(callTimeout, func(ctx context.Context) error {
 		_, err := a.client.PutEndpoint(ctx, req)

@@ -34,6 +34,29 @@ type NetConf struct {
 	LogFile string `json:"logFile,omitempty"`
 	// LogLevel is debug, info (default), warn or error.
 	LogLevel string `json:"logLevel,omitempty"`
+	// RuntimeConfig holds the capability arguments the runtime passes, for the capabilities
+	// the configuration declares: "bandwidth", so that the plugin knows when a chained
+	// bandwidth plugin will shape the pod's egress.
+	RuntimeConfig struct {
+		Bandwidth *Bandwidth `json:"bandwidth,omitempty"`
+	} `json:"runtimeConfig,omitempty"`
+}
+
+// Bandwidth is the "bandwidth" capability's argument (kubernetes.io/ingress-bandwidth and
+// egress-bandwidth), in bits per second and bits.
+type Bandwidth struct {
+	IngressRate  uint64 `json:"ingressRate,omitempty"`
+	IngressBurst uint64 `json:"ingressBurst,omitempty"`
+	EgressRate   uint64 `json:"egressRate,omitempty"`
+	EgressBurst  uint64 `json:"egressBurst,omitempty"`
+}
+
+// shapesEgress says whether a chained bandwidth plugin will shape the pod's egress: it then
+// mirrors the host veth's ingress to an ifb through an ingress qdisc (its own rule: rate and
+// burst both set).
+func (c *NetConf) shapesEgress() bool {
+	b := c.RuntimeConfig.Bandwidth
+	return b != nil && b.EgressRate > 0 && b.EgressBurst > 0
 }
 
 // loadConf parses and validates the network configuration. Malformed JSON is a decoding

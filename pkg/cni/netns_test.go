@@ -3,6 +3,7 @@ package cni
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
@@ -328,6 +329,35 @@ func (e *testEnv) assertHostClean(args *skel.CmdArgs, ip netip.Addr) {
 	}
 	if _, ok := endpoints[k]; ok {
 		t.Errorf("agent still has endpoint %s", k)
+	}
+}
+
+// TestAddAsksForTCXWhenEgressIsShaped: the runtime's bandwidth argument with an egress limit
+// means a chained bandwidth plugin will put an ingress qdisc on the host veth, so the plugin
+// asks the agent for TCX at once; without one (or with only an ingress limit) it does not.
+func TestAddAsksForTCXWhenEgressIsShaped(t *testing.T) {
+	e := newTestEnv(t)
+	for i, c := range []struct {
+		bandwidth map[string]any
+		want      bool
+	}{
+		{nil, false},
+		{map[string]any{"ingressRate": 1e8, "ingressBurst": 1e7}, false},
+		{map[string]any{"egressRate": 1e8, "egressBurst": 1e7}, true},
+	} {
+		var extra map[string]any
+		if c.bandwidth != nil {
+			extra = map[string]any{"runtimeConfig": map[string]any{"bandwidth": c.bandwidth}}
+		}
+		args := e.args(fmt.Sprintf("shaped-%d", i), e.conf("1.1.0", extra))
+		e.mustAdd(args)
+		_, endpoints, _ := e.agent.snapshot()
+		if got := endpoints[key(args)].AttachTCX; got != c.want {
+			t.Errorf("bandwidth %v: endpoint request attachTCX %v, want %v", c.bandwidth, got, c.want)
+		}
+		if err := e.del(args); err != nil { // the next case uses the same container namespace
+			t.Fatal(err)
+		}
 	}
 }
 

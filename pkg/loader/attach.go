@@ -112,10 +112,10 @@ func (d *Datapath) AttachEndpoint(ifname string) (Mode, error) {
 	return mode, nil
 }
 
-// Settle moves from_container on ifname from its cls_bpf filter to a TCX link and removes
-// the filter, and the veth's clsact qdisc if nothing else uses it. It holds the RTNL lock
-// for an RCU grace period: call it when no CNI request is waiting. ebpf.ErrNotSupported
-// means the kernel has no TCX.
+// Settle attaches from_container to ifname through a TCX link and removes our cls_bpf
+// filter, if it has one, and the veth's clsact qdisc if nothing else uses it. A new TCX
+// attach holds the RTNL lock for an RCU grace period: off the CNI path, call it when no CNI
+// request is waiting. ebpf.ErrNotSupported means the kernel has no TCX.
 func (d *Datapath) Settle(ifname string) error {
 	if _, err := d.attach(ifname, FromContainer, ModeTCX); err != nil {
 		return err

@@ -19,7 +19,6 @@ import (
 	"github.com/vnetbpf/vnetbpf/internal/testutils"
 	"github.com/vnetbpf/vnetbpf/pkg/agent"
 	"github.com/vnetbpf/vnetbpf/pkg/api"
-	"github.com/vnetbpf/vnetbpf/pkg/loader"
 )
 
 // nftRuleset is `nft list ruleset` in node's namespace.
@@ -116,14 +115,16 @@ func qdiscPackets(t *testing.T, node *Node, dev, kind string) uint64 {
 // the DNAT and the client gets an answer from an address it did not call.
 func TestChainPortmapBandwidth(t *testing.T) {
 	tools := upstreamTools(t)
-	// bandwidth's egress limit puts an ingress qdisc on the host veth, which cannot live
-	// beside the clsact qdisc of attachMode auto's cls_bpf filters: tcx is what
-	// docs/configuration.md tells clusters that shape egress to set.
-	c := newClusterWith(t, "10.0.1.0/29", func(cfg *agent.Config) { cfg.AttachMode = loader.ModeTCX })
+	c := newClusterWith(t, "10.0.1.0/29", func(cfg *agent.Config) {})
 	const hostPort, ctrPort = 18080, 8080
-	list := c.conflist("1.1.0",
-		`{"type":"portmap","backend":"nftables","capabilities":{"portMappings":true}}`,
-		`{"type":"bandwidth","capabilities":{"bandwidth":true}}`)
+	// vnetbpf declares the bandwidth capability too: with an egress limit it asks for TCX at
+	// once, since bandwidth's ingress qdisc cannot live beside the clsact of attachMode
+	// auto's ADD-time cls_bpf filter.
+	list := []byte(fmt.Sprintf(`{"cniVersion":"1.1.0","name":"vnet","plugins":[`+
+		`{"type":"vnetbpf","agentSocket":%q,"logFile":%q,"logLevel":"debug","capabilities":{"bandwidth":true}},`+
+		`{"type":"portmap","backend":"nftables","capabilities":{"portMappings":true}},`+
+		`{"type":"bandwidth","capabilities":{"bandwidth":true}}]}`,
+		c.agent.Config.Socket, filepath.Join(c.dir, "cni.log")))
 	chain, err := NewCNI(c.node, list, filepath.Join(c.dir, "chain-cache"), c.bin, tools.PluginsDir)
 	must(t, err)
 	peer := c.mustAdd(c.cni("1.1.0"), "peer") // a plain vnetbpf container to talk to
@@ -151,6 +152,9 @@ func TestChainPortmapBandwidth(t *testing.T) {
 		t.Fatalf("chained ADD gave %s, want a free address of %s", ip, c.pool)
 	}
 	hostVeth := api.HostVethName(api.Key{ContainerID: id, IfName: "eth0"})
+	if tcx, tc := progIDs(t, c.node, hostVeth); tcx == 0 || tc != 0 {
+		t.Errorf("%s: TCX program %d, cls_bpf program %d; want TCX from the ADD on", hostVeth, tcx, tc)
+	}
 
 	// bandwidth: a tbf on the host veth shapes what enters the container; what leaves it is
 	// mirrored to an ifb of its own with another tbf.
