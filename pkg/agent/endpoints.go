@@ -9,7 +9,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
 	"github.com/vnetbpf/vnetbpf/pkg/api"
@@ -198,29 +197,13 @@ func (a *Agent) program(ep api.Endpoint, fresh bool) error {
 	if err := a.writeEndpoint(ep, fresh); err != nil {
 		return err
 	}
-	mode, err := a.attachEndpoint(ep)
+	// AttachTCX: TCX at once, not a cls_bpf filter first (see api.EndpointRequest).
+	mode, err := a.dp.AttachEndpoint(ep.HostIfName, ep.AttachTCX)
 	if err != nil {
 		return err
 	}
 	a.noteAttached(ep.HostIfName, mode)
 	return nil
-}
-
-// attachEndpoint attaches from_container to ep's host veth: through TCX at once when the
-// endpoint asked for it (see api.EndpointRequest.AttachTCX) and attachMode auto would
-// otherwise give it a cls_bpf filter first.
-func (a *Agent) attachEndpoint(ep api.Endpoint) (loader.Mode, error) {
-	if ep.AttachTCX && a.dp.EndpointMode() == loader.ModeAuto && !a.settle.noTCX {
-		err := a.dp.Settle(ep.HostIfName)
-		if err == nil {
-			return loader.ModeTCX, nil
-		}
-		if !errors.Is(err, ebpf.ErrNotSupported) {
-			return "", err
-		}
-		a.settle.noTCX = true
-	}
-	return a.dp.AttachEndpoint(ep.HostIfName)
 }
 
 // writeEndpoint writes ep's entry in the endpoints map (and zeroes its counters if fresh).
@@ -412,7 +395,7 @@ func (a *Agent) reconcile() error {
 		live[ep.HostIfName] = true
 	}
 	for _, ep := range a.endpoints {
-		mode, err := a.attachEndpoint(ep)
+		mode, err := a.dp.AttachEndpoint(ep.HostIfName, ep.AttachTCX)
 		if err != nil && !linkExists(ep.HostIfName) {
 			// The runtime's DEL removed the veth since the loop above (it does not need us).
 			a.log.Info("container is gone; removing its endpoint", "key", ep.Key.String(), "veth", ep.HostIfName)

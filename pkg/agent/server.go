@@ -219,10 +219,9 @@ func (a *Agent) status() api.Status {
 	s := api.Status{
 		Version: Version, Ready: a.ready.Load(), Pool: pool, NIC: a.nic.name,
 		AttachMode: string(a.dp.Mode()), EndpointAttachMode: string(a.dp.EndpointMode()), StartedAt: a.started.UTC(),
-		EndpointsOnClsBPF: a.pendingTCX(),
 	}
 	a.mu.Lock()
-	s.Endpoints = len(a.endpoints)
+	s.Endpoints, s.EndpointsOnClsBPF = len(a.endpoints), len(a.settle.unsettled)
 	a.mu.Unlock()
 	s.CanAllocate = pool.Free > 0
 	if !s.CanAllocate {

@@ -2,13 +2,11 @@ package agent
 
 import (
 	"context"
-	"errors"
+	"maps"
 	"net/http"
-	"sort"
+	"slices"
 	"sync/atomic"
 	"time"
-
-	"github.com/cilium/ebpf"
 
 	"github.com/vnetbpf/vnetbpf/pkg/api"
 	"github.com/vnetbpf/vnetbpf/pkg/loader"
@@ -44,7 +42,6 @@ type settler struct {
 	unsettled map[string]bool       // host veths on cls_bpf that TCX should take over
 	reap      map[string]time.Time  // link pins of removed endpoints, and when removed
 	adding    map[api.Key]time.Time // ADDs between their address and their endpoint
-	noTCX     bool                  // the kernel refused TCX: everything stays on cls_bpf
 }
 
 func newSettler() *settler {
@@ -80,7 +77,7 @@ func (s *settler) quiet(now time.Time) bool {
 // attachMode auto waits for settling.
 func (a *Agent) noteAttached(veth string, mode loader.Mode) {
 	delete(a.settle.reap, veth)
-	if mode == loader.ModeTC && a.dp.EndpointMode() == loader.ModeAuto && !a.settle.noTCX {
+	if mode == loader.ModeTC && a.dp.EndpointMode() == loader.ModeAuto && !a.dp.TCXUnsupported() {
 		a.settle.unsettled[veth] = true
 		a.settle.poke()
 	}
@@ -91,13 +88,6 @@ func (a *Agent) noteRemoved(veth string) {
 	delete(a.settle.unsettled, veth)
 	a.settle.reap[veth] = time.Now()
 	a.settle.poke()
-}
-
-// pendingTCX is how many endpoints still run on cls_bpf waiting to be settled.
-func (a *Agent) pendingTCX() int {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return len(a.settle.unsettled)
 }
 
 // runSettler does one step at a time while the node is quiet, until ctx ends.
@@ -128,7 +118,7 @@ func (a *Agent) settleStep(now time.Time) bool {
 		delete(a.settle.adding, k)
 	}
 	// Reaping first: a gone veth costs nothing, and its name may come back with a new ADD.
-	for _, veth := range sortedKeys(a.settle.reap) {
+	for _, veth := range slices.Sorted(maps.Keys(a.settle.reap)) {
 		gone := !linkExists(veth)
 		if !gone && now.Sub(a.settle.reap[veth]) < reapAfter {
 			continue
@@ -139,16 +129,15 @@ func (a *Agent) settleStep(now time.Time) bool {
 		}
 		return true
 	}
-	for _, veth := range sortedKeys(a.settle.unsettled) {
+	for _, veth := range slices.Sorted(maps.Keys(a.settle.unsettled)) {
 		delete(a.settle.unsettled, veth)
 		start := time.Now()
-		err := a.dp.Settle(veth)
+		mode, err := a.dp.AttachEndpoint(veth, true)
 		switch {
-		case err == nil:
+		case err == nil && mode == loader.ModeTCX:
 			a.log.Debug("endpoint moved to TCX", "veth", veth, "took", time.Since(start).String())
-		case errors.Is(err, ebpf.ErrNotSupported):
-			a.log.Info("the kernel has no TCX; endpoints stay on cls_bpf filters", "err", err)
-			a.settle.noTCX = true
+		case err == nil:
+			a.log.Info("the kernel has no TCX; endpoints stay on cls_bpf filters")
 			clear(a.settle.unsettled)
 		case !linkExists(veth):
 			// Deleted in between: nothing to settle.
@@ -160,13 +149,4 @@ func (a *Agent) settleStep(now time.Time) bool {
 		return true
 	}
 	return false
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }

@@ -19,7 +19,7 @@ type Mode string
 const (
 	// ModeAuto attaches from_vnet to the NIC through TCX where the kernel has it (6.6+),
 	// else through clsact + cls_bpf. An endpoint's host veth gets a cls_bpf filter when it
-	// is new (AttachEndpoint), which Settle later moves to TCX. A TCX attach holds the RTNL
+	// is new (AttachEndpoint), which the agent later moves to TCX. A TCX attach holds the RTNL
 	// lock across an RCU grace period (tcx_entry_sync: 8 to 15 ms on the machines we
 	// measured, against 50 µs for a cls_bpf filter), too long for the CNI ADD path, where
 	// it would also serialise every concurrent ADD on the node; cls_bpf in turn costs about
@@ -87,69 +87,63 @@ func (d *Datapath) EndpointMode() Mode {
 
 // Attach attaches p to the ingress of device ifname in the caller's network namespace. If a
 // program of ours is already attached there it is replaced atomically, so no packet meets a
-// device without one.
+// device without one. FromContainer goes as AttachEndpoint(ifname, false) places it.
 func (d *Datapath) Attach(ifname string, p Program) error {
-	_, err := d.attach(ifname, p, "")
-	return err
-}
-
-// AttachEndpoint attaches from_container to an endpoint's host veth and says how. In ModeAuto
-// a veth that has our TCX link keeps it (the program is swapped in place, without a grace
-// period), and an empty clsact left by a Settle that did not finish goes; another veth gets
-// a cls_bpf filter, for Settle to move to TCX off the CNI ADD's path.
-func (d *Datapath) AttachEndpoint(ifname string) (Mode, error) {
-	mode, err := d.attach(ifname, FromContainer, "")
-	if err != nil || mode != ModeTCX || d.EndpointMode() != ModeAuto {
-		return mode, err
-	}
-	dev, err := netlink.LinkByName(ifname)
-	if err != nil {
-		return mode, fmt.Errorf("attach %s to %s: %w", FromContainer, ifname, err)
-	}
-	if err := deleteClsactIfEmpty(dev); err != nil {
-		return mode, fmt.Errorf("attach %s to %s: %w", FromContainer, ifname, err)
-	}
-	return mode, nil
-}
-
-// Settle attaches from_container to ifname through a TCX link and removes our cls_bpf
-// filter, if it has one, and the veth's clsact qdisc if nothing else uses it. A new TCX
-// attach holds the RTNL lock for an RCU grace period: off the CNI path, call it when no CNI
-// request is waiting. ebpf.ErrNotSupported means the kernel has no TCX.
-func (d *Datapath) Settle(ifname string) error {
-	if _, err := d.attach(ifname, FromContainer, ModeTCX); err != nil {
+	if p == FromContainer {
+		_, err := d.AttachEndpoint(ifname, false)
 		return err
 	}
 	dev, err := netlink.LinkByName(ifname)
 	if err != nil {
-		return fmt.Errorf("settle %s: %w", ifname, err)
+		return fmt.Errorf("attach %s to %s: %w", p, ifname, err)
 	}
-	return deleteClsactIfEmpty(dev)
+	_, err = d.attach(dev, p, d.Mode())
+	return err
 }
 
-// attach attaches p to ifname in mode, or in the mode p is configured for when mode is "".
-func (d *Datapath) attach(ifname string, p Program, mode Mode) (Mode, error) {
+// AttachEndpoint attaches from_container to an endpoint's host veth and says how. In ModeAuto
+// it goes through TCX when tcx is set or the veth already has our TCX link (then the program
+// is swapped in place, without a grace period), and our cls_bpf filter and an empty clsact
+// are removed; otherwise it gets a cls_bpf filter, which a later AttachEndpoint(ifname, true)
+// moves to TCX off the CNI ADD's path. A new TCX attach holds the RTNL lock for an RCU grace
+// period. On a kernel without TCX it falls back to cls_bpf (see TCXUnsupported).
+func (d *Datapath) AttachEndpoint(ifname string, tcx bool) (Mode, error) {
+	dev, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return "", fmt.Errorf("attach %s to %s: %w", FromContainer, ifname, err)
+	}
+	auto := d.EndpointMode() == ModeAuto
+	mode := d.EndpointMode()
+	if auto {
+		mode = ModeTC
+		if tcx && !d.noTCX.Load() || d.hasTCXLink(dev) {
+			mode = ModeTCX
+		}
+	}
+	got, err := d.attach(dev, FromContainer, mode)
+	if auto && errors.Is(err, ebpf.ErrNotSupported) {
+		got, err = d.attach(dev, FromContainer, ModeTC)
+	}
+	if err != nil || !auto || got != ModeTCX {
+		return got, err
+	}
+	if err := deleteClsactIfEmpty(dev); err != nil {
+		return got, fmt.Errorf("attach %s to %s: %w", FromContainer, ifname, err)
+	}
+	return got, nil
+}
+
+// TCXUnsupported says whether the kernel has refused a TCX attach.
+func (d *Datapath) TCXUnsupported() bool { return d.noTCX.Load() }
+
+// attach attaches p to dev in mode; ModeAuto tries TCX and falls back to clsact, and
+// settles the NIC's mode when p is FromVNet.
+func (d *Datapath) attach(dev netlink.Link, p Program, mode Mode) (Mode, error) {
 	prog, err := d.program(p)
 	if err != nil {
 		return "", err
 	}
-	dev, err := netlink.LinkByName(ifname)
-	if err != nil {
-		return "", fmt.Errorf("attach %s to %s: %w", p, ifname, err)
-	}
-	ifindex := dev.Attrs().Index
-	if mode == "" {
-		mode = d.Mode()
-		if p == FromContainer {
-			mode = d.EndpointMode()
-			if mode == ModeAuto {
-				mode = ModeTC
-				if d.hasTCXLink(ifname, ifindex) {
-					mode = ModeTCX
-				}
-			}
-		}
-	}
+	ifname, ifindex := dev.Attrs().Name, dev.Attrs().Index
 	switch mode {
 	case ModeTC:
 		err = attachTC(ifindex, prog, string(p))
@@ -182,15 +176,31 @@ func (d *Datapath) attach(ifname string, p Program, mode Mode) (Mode, error) {
 	return mode, nil
 }
 
-// hasTCXLink says whether ifname has our pinned TCX link, live on the device with ifindex.
-func (d *Datapath) hasTCXLink(ifname string, ifindex int) bool {
-	l, err := link.LoadPinnedLink(d.linkPin(ifname), nil)
-	if err != nil {
-		return false
+// pinnedTCX opens dev's pinned TCX link when it is live on dev; stale says a pin is there
+// but belongs to another device (a veth recreated under the same name).
+func (d *Datapath) pinnedTCX(dev netlink.Link) (l link.Link, stale bool, err error) {
+	pin := d.linkPin(dev.Attrs().Name)
+	l, err = link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, false, nil
 	}
-	defer l.Close()
+	if err != nil {
+		return nil, false, fmt.Errorf("open pinned link %s: %w", pin, err)
+	}
 	info, err := l.Info()
-	return err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex
+	if err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == dev.Attrs().Index {
+		return l, false, nil
+	}
+	return l, true, nil
+}
+
+// hasTCXLink says whether dev has our pinned TCX link, live on it.
+func (d *Datapath) hasTCXLink(dev netlink.Link) bool {
+	l, stale, err := d.pinnedTCX(dev)
+	if l != nil {
+		l.Close()
+	}
+	return err == nil && l != nil && !stale
 }
 
 // deleteClsactIfEmpty removes dev's clsact qdisc when no filter is left on it: an empty
@@ -233,21 +243,23 @@ func (d *Datapath) linkPin(ifname string) string {
 
 func (d *Datapath) attachTCX(ifname string, ifindex int, prog *ebpf.Program) error {
 	pin := d.linkPin(ifname)
-	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
-		defer l.Close()
-		info, err := l.Info()
-		if err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex {
-			if err := l.Update(prog); err != nil {
+	dev := &netlink.Device{LinkAttrs: netlink.LinkAttrs{Name: ifname, Index: ifindex}}
+	old, stale, err := d.pinnedTCX(dev)
+	if err != nil {
+		return err
+	}
+	if old != nil {
+		defer old.Close()
+		if !stale {
+			if err := old.Update(prog); err != nil {
 				return fmt.Errorf("replace program on pinned link %s: %w", pin, err)
 			}
 			return nil
 		}
 		// The pin outlived its device (a veth recreated under the same name): start over.
-		if err := l.Unpin(); err != nil {
+		if err := old.Unpin(); err != nil {
 			return fmt.Errorf("remove stale link pin %s: %w", pin, err)
 		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("open pinned link %s: %w", pin, err)
 	}
 
 	l, err := link.AttachTCX(link.TCXOptions{
@@ -255,6 +267,9 @@ func (d *Datapath) attachTCX(ifname string, ifindex int, prog *ebpf.Program) err
 		Program:   prog,
 		Attach:    ebpf.AttachTCXIngress,
 	})
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		d.noTCX.Store(true)
+	}
 	if err != nil {
 		return err
 	}

@@ -1,7 +1,7 @@
 // Package loader loads the vnetbpf datapath (bpf/datapath.c), pins its maps under a bpffs
 // root, and attaches its programs to network devices with TCX (clsact and cls_bpf on kernels
 // without TCX). A new endpoint's veth gets a cls_bpf filter first, fast enough for the CNI
-// ADD path, which Settle moves to TCX later (see ModeAuto).
+// ADD path, which AttachEndpoint(ifname, true) moves to TCX later (see ModeAuto).
 //
 // Layout under the root (default /sys/fs/bpf/vnetbpf):
 //
@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -49,6 +50,7 @@ type Datapath struct {
 	Objects  DatapathObjects
 
 	modeMu sync.Mutex
+	noTCX  atomic.Bool // the kernel refused a TCX attach
 }
 
 // Load loads the datapath, pinning its maps under opts.Root or reusing the maps already

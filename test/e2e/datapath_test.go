@@ -175,7 +175,7 @@ func testDatapath(t *testing.T, mode loader.Mode) {
 	// attach costs no RCU grace period.
 	wantNIC, wantVeth := mode, mode
 	if mode == loader.ModeAuto {
-		wantNIC, wantVeth = loader.ModeTCX, loader.ModeTC // until Settle
+		wantNIC, wantVeth = loader.ModeTCX, loader.ModeTC // until moved to TCX
 	}
 	if got, gotVeth := d.dp.Mode(), d.dp.EndpointMode(); got != wantNIC || gotVeth != mode {
 		t.Fatalf("attach modes %s (NIC), %s (endpoints); want %s, %s", got, gotVeth, wantNIC, mode)
@@ -190,15 +190,18 @@ func testDatapath(t *testing.T, mode loader.Mode) {
 	checkAttached("eth0", wantNIC)
 	checkAttached(d.a.HostDev, wantVeth)
 	if mode == loader.ModeAuto {
-		// Settle moves a veth to TCX and takes the filter and the empty clsact away; a later
-		// attach (an upgrade) keeps TCX.
-		testutils.Do(t, d.node.NS, func() error { return d.dp.Settle(d.a.HostDev) })
+		// AttachEndpoint(veth, true) moves a veth to TCX and takes the filter and the empty
+		// clsact away; a later attach (an upgrade) keeps TCX.
+		testutils.Do(t, d.node.NS, func() error {
+			_, err := d.dp.AttachEndpoint(d.a.HostDev, true)
+			return err
+		})
 		checkAttached(d.a.HostDev, loader.ModeTCX)
 		if q := qdiscs(t, d.node, d.a.HostDev); slices.Contains(q, "clsact") {
-			t.Errorf("%s keeps an empty clsact qdisc after Settle: %v", d.a.HostDev, q)
+			t.Errorf("%s keeps an empty clsact qdisc after the move to TCX: %v", d.a.HostDev, q)
 		}
 		testutils.Do(t, d.node.NS, func() error {
-			m, err := d.dp.AttachEndpoint(d.a.HostDev)
+			m, err := d.dp.AttachEndpoint(d.a.HostDev, false)
 			if err == nil && m != loader.ModeTCX {
 				t.Errorf("AttachEndpoint on a settled veth used %s, want tcx", m)
 			}
