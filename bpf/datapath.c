@@ -274,6 +274,21 @@ static __always_inline int fits_nic(struct __sk_buff *skb, const struct node_con
 	return skb->len <= (__u32)cfg->nic_mtu + ETH_HLEN;
 }
 
+/* out_neigh sends a container's packet out of the NIC to next hop nh; the kernel fills the
+ * MACs from its neighbour entry, resolving it first if need be. With nh 0 the kernel routes
+ * the packet itself to find the next hop. */
+static __always_inline int out_neigh(struct __sk_buff *skb, struct iphdr *ip, const struct node_config *cfg,
+				     __be32 nh)
+{
+	struct bpf_redir_neigh via = { .nh_family = AF_INET, .ipv4_nh = nh };
+
+	decrease_ttl(ip);
+	count(skb, FWD_TO_VNET);
+	if (!nh)
+		return bpf_redirect_neigh(cfg->nic_ifindex, NULL, 0, 0);
+	return bpf_redirect_neigh(cfg->nic_ifindex, &via, sizeof(via), 0);
+}
+
 /* to_vnet_fib asks the FIB for next hop and MAC, for prefixes without a known next hop. */
 static __always_inline int to_vnet_fib(struct __sk_buff *skb, struct pkt *p, const struct node_config *cfg)
 {
@@ -288,7 +303,6 @@ static __always_inline int to_vnet_fib(struct __sk_buff *skb, struct pkt *p, con
 		.ipv4_dst = ip->daddr,
 		.ifindex = cfg->nic_ifindex,
 	};
-	struct bpf_redir_neigh nh = { .nh_family = AF_INET };
 	long rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
 
 	switch (rc) {
@@ -303,14 +317,9 @@ static __always_inline int to_vnet_fib(struct __sk_buff *skb, struct pkt *p, con
 	case BPF_FIB_LKUP_RET_NO_NEIGH:
 		if (fib.ifindex != cfg->nic_ifindex)
 			return pass(skb, PASS_TO_STACK);
-		nh.ipv4_nh = fib.ipv4_dst;
-		decrease_ttl(ip);
-		count(skb, FWD_TO_VNET);
-		return bpf_redirect_neigh(cfg->nic_ifindex, &nh, sizeof(nh), 0);
+		return out_neigh(skb, ip, cfg, fib.ipv4_dst);
 	case BPF_FIB_LKUP_RET_FWD_DISABLED:
-		decrease_ttl(ip);
-		count(skb, FWD_TO_VNET);
-		return bpf_redirect_neigh(cfg->nic_ifindex, NULL, 0, 0);
+		return out_neigh(skb, ip, cfg, 0);
 	case BPF_FIB_LKUP_RET_BLACKHOLE:
 	case BPF_FIB_LKUP_RET_UNREACHABLE:
 	case BPF_FIB_LKUP_RET_PROHIBIT:
@@ -333,17 +342,10 @@ static __always_inline int to_vnet(struct __sk_buff *skb, struct pkt *p, const s
 
 	/* A packet the NIC cannot send as it is goes to the FIB path, whose FRAG_NEEDED hands it
 	 * to the stack to fragment or answer. */
-	if (cidr->flags & (VNET_CIDR_F_ONLINK | VNET_CIDR_F_VIA) && fits_nic(skb, cfg)) {
-		struct bpf_redir_neigh via = { .nh_family = AF_INET };
-
-		if (cidr->flags & VNET_CIDR_F_ONLINK)
-			via.ipv4_nh = ip->daddr;
-		else
-			__builtin_memcpy(&via.ipv4_nh, cidr->nexthop, 4);
-		decrease_ttl(ip);
-		count(skb, FWD_TO_VNET);
-		return bpf_redirect_neigh(cfg->nic_ifindex, &via, sizeof(via), 0);
-	}
+	if (cidr->flags & VNET_CIDR_F_ONLINK && fits_nic(skb, cfg))
+		return out_neigh(skb, ip, cfg, ip->daddr);
+	if (cidr->flags & VNET_CIDR_F_VIA && fits_nic(skb, cfg))
+		return out_neigh(skb, ip, cfg, *(__be32 *)cidr->nexthop);
 	return to_vnet_fib(skb, p, cfg);
 }
 
